@@ -1,0 +1,433 @@
+"""The trio runtime of one rank: its training function, its uploads, and its reports.
+
+Why it is shaped like this
+==========================
+
+One nursery per rank owns everything the rank started: the training thread (or the ``async``
+training function) and one task per report. Trio does not let a nursery exit while a child is
+running, so "the rank is finished" and "every report of the rank is terminal" are the same
+statement; there is no flush step that an exception could skip (the reference skipped it when
+the training function raised). An exception from the training function is caught in the nursery
+body and kept, so the uploads it left behind still finish and are committed.
+
+The state of each report lives only in :class:`~statemachine.lifecycle.RankLifecycle`. This
+module applies events to it and carries out the effects it returns: a ``ReleaseSlot`` gives the
+``trio.CapacityLimiter`` token back, a ``HandOff`` sends the report to the controller. Waiters
+(a SYNC ``report()``, a ``report()`` held back by ``max_pending_reports``) sleep on one
+``trio.Event`` that is replaced after every applied event, and re-check the lifecycle.
+
+The training thread calls in through :func:`statemachine._threads.call_from_thread`; the
+validation of its arguments and the ASYNC snapshot run in the training thread itself, before
+the call, so bad input raises at the call and consumes no report index.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, cast
+
+import trio
+
+from . import _threads
+from .checkpoint import Checkpoint
+from .config import CheckpointUploadMode, UploadConfig
+from .errors import ReportFailedError, RunAbortedError
+from .lifecycle import Event, HandOff, RankLifecycle, ReleaseSlot, ReportState
+from .result import ReportInfo
+from .storage import (
+    PartManifest,
+    RunStorage,
+    checkpoint_dir_name,
+    delete_local_directory,
+    snapshot_directory,
+    validate_dir_name,
+)
+
+__all__ = ["HandOffMessage", "RankRuntime", "RankSink", "ReportRequest"]
+
+logger = logging.getLogger("statemachine")
+
+UploadFn = Callable[[Checkpoint, str], Checkpoint]
+
+
+@dataclass(slots=True)
+class HandOffMessage:
+    """A report handed to the controller, in the rank's report order."""
+
+    rank: int
+    index: int
+    state: ReportState
+    metrics: dict[str, Any]
+    #: The checkpoint folder relative to the run folder (None: metrics only).
+    checkpoint_dir: str | None
+    part: PartManifest | None
+    error: BaseException | None
+
+
+class RankSink(Protocol):
+    """Where a rank sends what the controller must know. Calls never block."""
+
+    def hand_off(self, message: HandOffMessage) -> None: ...
+
+    def report_failed(self, rank: int, index: int, error: BaseException) -> None: ...
+
+
+@dataclass(slots=True)
+class ReportRequest:
+    """A validated ``report()`` call, ready to be accepted."""
+
+    metrics: dict[str, Any]
+    mode: CheckpointUploadMode
+    #: Local folder to upload (the ASYNC snapshot, or the caller's folder for SYNC).
+    upload_source: str | None = None
+    #: The caller's own folder, deleted after a successful upload when ``delete_local``.
+    original_dir: str | None = None
+    delete_local: bool = False
+    #: NO_UPLOAD: the part folder relative to the run folder.
+    registered_part: str | None = None
+    dir_name: str | None = None
+    upload_fn: UploadFn | None = None
+    has_checkpoint: bool = False
+
+
+@dataclass(slots=True, eq=False)
+class _Record:
+    """Runtime data of one report. Its *state* is in the lifecycle, never here."""
+
+    ordinal: int
+    index: int
+    mode: CheckpointUploadMode
+    request: ReportRequest | None
+    checkpoint_dir: str | None
+    part: PartManifest | None = None
+    error: BaseException | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _check_metrics(metrics: object) -> dict[str, Any]:
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"report() metrics must be a dict, got {type(metrics).__name__}")
+    for key in metrics:
+        if not isinstance(key, str):
+            raise TypeError(f"report() metric names must be str, got {key!r}")
+    try:
+        text = json.dumps(dict(metrics), allow_nan=True)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"report() metrics must be JSON-serialisable: {error}") from None
+    result: dict[str, Any] = json.loads(text)
+    return result
+
+
+class RankRuntime:
+    """One rank: training function, report records, upload slots, hand-off to the controller."""
+
+    def __init__(
+        self,
+        *,
+        rank: int,
+        world_size: int,
+        storage: RunStorage,
+        upload: UploadConfig,
+        first_index: int,
+        sink: RankSink,
+        start_checkpoint: Checkpoint | None = None,
+        protected_dirs: tuple[str, ...] = (),
+    ) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.storage = storage
+        self.upload = upload
+        self.first_index = first_index
+        self.sink = sink
+        self.start_checkpoint = start_checkpoint
+        self.protected_dirs = protected_dirs
+        self.lifecycle = RankLifecycle(upload.max_concurrent_uploads, upload.max_pending_reports)
+        self.limiter = trio.CapacityLimiter(upload.max_concurrent_uploads)
+        self.records: list[_Record] = []
+        self.training_error: BaseException | None = None
+        self.aborted: BaseException | None = None
+        self._changed = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._snapshot_root = os.path.join(
+            tempfile.gettempdir(), "statemachine-snapshots", f"{os.getpid()}-{id(self):x}", f"rank_{rank}"
+        )
+
+    # -- running ---------------------------------------------------------------------------
+
+    async def run(self, train_fn: Callable[..., Any], config: Mapping[str, Any] | None) -> None:
+        """Run the training function; return once it returned and every report is terminal."""
+        from . import context
+
+        self._token = trio.lowlevel.current_trio_token()
+        token = context.enter_rank(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    if inspect.iscoroutinefunction(train_fn):
+                        await _call_train_fn_async(train_fn, config)
+                    else:
+                        await _threads.run_in_thread(_call_train_fn, train_fn, config, abandon_on_cancel=True)
+                except trio.Cancelled:
+                    raise
+                except BaseException as error:  # noqa: BLE001 - any error of user code ends in a clear failure
+                    if not isinstance(error, RunAbortedError):
+                        self.training_error = error
+        finally:
+            self._nursery = None
+            context.leave_rank(token)
+            if not any(r.error for r in self.records):
+                # Failed uploads keep their snapshot (nothing is lost); otherwise it is all ours.
+                shutil.rmtree(self._snapshot_root, ignore_errors=True)
+
+    def abort(self, error: BaseException) -> None:
+        """Stop accepting reports: the next ``report()`` raises :class:`RunAbortedError`."""
+        if self.aborted is None:
+            self.aborted = error
+            self._notify()
+
+    def report_infos(self) -> list[ReportInfo]:
+        return [
+            ReportInfo(
+                rank=self.rank,
+                index=r.index,
+                mode=r.mode,
+                state=self.lifecycle.state(r.ordinal),
+                error=r.error,
+                timings=dict(r.timings),
+                checkpoint_dir=r.checkpoint_dir,
+            )
+            for r in self.records
+        ]
+
+    # -- the calls made by report() ----------------------------------------------------------
+
+    @property
+    def next_index(self) -> int:
+        return self.first_index + len(self.lifecycle)
+
+    def next_checkpoint_path(self) -> str:
+        return self.storage.url(self.storage.part_relpath(checkpoint_dir_name(self.next_index), self.rank))
+
+    def prepare(
+        self,
+        metrics: object,
+        checkpoint: object,
+        mode: object,
+        delete_local: object,
+        upload_fn: object,
+        dir_name: object,
+    ) -> ReportRequest:
+        """Validate a ``report()`` call (in the caller's thread); raise at the call if it is bad."""
+        if not isinstance(mode, CheckpointUploadMode):
+            raise ValueError(
+                f"checkpoint_upload_mode must be a CheckpointUploadMode (SYNC, ASYNC or NO_UPLOAD), got {mode!r}"
+            )
+        clean_metrics = _check_metrics(metrics)
+        if delete_local is not None and not isinstance(delete_local, bool):
+            raise TypeError(f"delete_local_checkpoint_after_upload must be a bool or None, got {delete_local!r}")
+        if upload_fn is not None and not callable(upload_fn):
+            raise TypeError(f"checkpoint_upload_fn must be callable, got {upload_fn!r}")
+        clean_dir = validate_dir_name(dir_name) if dir_name is not None else None
+        request = ReportRequest(clean_metrics, mode, dir_name=clean_dir)
+        if checkpoint is None:
+            return request
+        if not isinstance(checkpoint, Checkpoint):
+            raise TypeError(f"checkpoint must be a statemachine.Checkpoint or None, got {type(checkpoint).__name__}")
+        request.has_checkpoint = True
+        request.upload_fn = cast(UploadFn | None, upload_fn)
+        if mode is CheckpointUploadMode.NO_UPLOAD:
+            if delete_local:
+                raise ValueError("delete_local_checkpoint_after_upload=True makes no sense with NO_UPLOAD")
+            relative = self.storage.relative_to_run(checkpoint.url)
+            if relative is None:
+                raise ValueError(
+                    f"NO_UPLOAD checkpoint {checkpoint.url} is outside the run folder "
+                    f"{self.storage.url()}; write it at get_context().next_checkpoint_path() "
+                    "or use SYNC/ASYNC to upload it"
+                )
+            request.registered_part = relative
+            return request
+        if not checkpoint.is_local and upload_fn is None:
+            raise ValueError(f"{mode.name} uploads a local directory, but checkpoint {checkpoint.url} is not local")
+        if checkpoint.is_local and not os.path.isdir(checkpoint.path):
+            raise ValueError(f"checkpoint directory does not exist: {checkpoint.path}")
+        request.original_dir = checkpoint.path
+        request.delete_local = mode.default_delete_local if delete_local is None else delete_local
+        if mode is CheckpointUploadMode.ASYNC and checkpoint.is_local:
+            request.upload_source = snapshot_directory(checkpoint.path, self._snapshot_root, self.upload.snapshot)
+        else:
+            request.upload_source = checkpoint.path
+        return request
+
+    def report_sync(self, request: ReportRequest) -> _Record:
+        """From the training thread: accept ``request`` (waiting as its mode says)."""
+        record: _Record = self._from_thread(self.accept, request)
+        return record
+
+    def report_sync_wait_for_capacity(self) -> None:
+        """From the training thread: wait until ``max_pending_reports`` lets one more in."""
+        self._from_thread(self.wait_for_capacity)
+
+    def _from_thread(self, afn: Callable[..., Any], *args: Any) -> Any:
+        if self._token is None:
+            raise RuntimeError("this rank is not running")
+        try:
+            return _threads.call_from_thread(afn, *args, trio_token=self._token)
+        except (trio.RunFinishedError, trio.Cancelled):
+            raise RunAbortedError(f"rank {self.rank}: the run is over; report() is no longer possible") from None
+
+    async def wait_for_capacity(self) -> None:
+        while not self.lifecycle.can_accept():
+            self._raise_if_aborted()
+            await self._wait_changed()
+
+    async def accept(self, request: ReportRequest) -> _Record:
+        """Create the record, start its task, and for SYNC wait until it is terminal."""
+        await self.wait_for_capacity()
+        self._raise_if_aborted()
+        if self._nursery is None:
+            raise RuntimeError("report() was called after the training function returned")
+        ordinal = self.lifecycle.accept()
+        index = self.first_index + ordinal
+        checkpoint_dir = None
+        if request.has_checkpoint:
+            checkpoint_dir = request.dir_name or checkpoint_dir_name(index)
+        record = _Record(ordinal, index, request.mode, request, checkpoint_dir)
+        self.records.append(record)
+        self._nursery.start_soon(self._drive, record)
+        if request.mode is CheckpointUploadMode.SYNC:
+            while not self.lifecycle.state(ordinal).terminal:
+                await self._wait_changed()
+            if (
+                self.lifecycle.state(ordinal) is ReportState.FAILED
+                and self.upload.on_failure == "raise"
+                and not isinstance(record.error, RunAbortedError)
+            ):
+                raise ReportFailedError(
+                    f"rank {self.rank}, report {index}: {record.error!r}", self.rank, index
+                ) from record.error
+        return record
+
+    # -- driving one record ----------------------------------------------------------------
+
+    async def _drive(self, record: _Record) -> None:
+        request = record.request
+        assert request is not None
+        ordinal = record.ordinal
+        try:
+            if request.upload_source is None:
+                if request.registered_part is not None:
+                    record.part = await _threads.run_in_thread(
+                        self.storage.scan_part, request.registered_part, self.rank
+                    )
+                self._apply(record, Event.NOTHING_TO_UPLOAD)
+                return
+            await self.limiter.acquire_on_behalf_of(record)
+            self._apply(record, Event.SLOT_ACQUIRED)
+            started = time.perf_counter()
+            try:
+                record.part = await self._upload(record, request)
+            except trio.Cancelled:
+                raise
+            except BaseException as error:  # noqa: BLE001 - a failed upload must end in FAILED
+                self._fail(record, error, Event.UPLOAD_FAILED)
+                return
+            record.timings["upload_s"] = time.perf_counter() - started
+            record.timings["bytes"] = float(record.part.bytes)
+            self._apply(record, Event.UPLOAD_SUCCEEDED)
+            self._clean_up_after_upload(request)
+        except trio.Cancelled as cancelled:
+            if not self.lifecycle.state(ordinal).terminal:
+                self._fail(
+                    record, RunAbortedError(f"rank {self.rank}, report {record.index}: cancelled"), Event.ABORTED
+                )
+            raise cancelled
+        except BaseException as error:  # noqa: BLE001 - registration errors included
+            if not self.lifecycle.state(ordinal).terminal:
+                self._fail(record, error, Event.ABORTED)
+
+    async def _upload(self, record: _Record, request: ReportRequest) -> PartManifest:
+        assert request.upload_source is not None and record.checkpoint_dir is not None
+        part_relpath = self.storage.part_relpath(record.checkpoint_dir, self.rank)
+        return await _threads.run_in_thread(self.storage.upload_part, request.upload_source, part_relpath, self.rank)
+
+    def _clean_up_after_upload(self, request: ReportRequest) -> None:
+        """Drop the snapshot, and the caller's folder when asked; only after a good upload."""
+        if request.upload_source is not None and request.upload_source != request.original_dir:
+            shutil.rmtree(request.upload_source, ignore_errors=True)
+        if request.delete_local and request.original_dir is not None and os.path.isdir(request.original_dir):
+            if not delete_local_directory(request.original_dir, self.protected_dirs):
+                logger.warning("rank %d: not deleting protected folder %s", self.rank, request.original_dir)
+
+    def _fail(self, record: _Record, error: BaseException, event: Event) -> None:
+        record.error = error
+        if not isinstance(error, RunAbortedError):
+            kept = ""
+            if record.request is not None and record.request.upload_source:
+                kept = f"; the local copy is kept at {record.request.upload_source}"
+            logger.error("rank %d, report %d failed: %r%s", self.rank, record.index, error, kept)
+            self.sink.report_failed(self.rank, record.index, error)
+        self._apply(record, event)
+
+    def _apply(self, record: _Record, event: Event) -> None:
+        for effect in self.lifecycle.apply(record.ordinal, event):
+            if isinstance(effect, ReleaseSlot):
+                self.limiter.release_on_behalf_of(self.records[effect.index])
+            elif isinstance(effect, HandOff):
+                self._hand_off(self.records[effect.index], effect.state)
+        self._notify()
+
+    def _hand_off(self, record: _Record, state: ReportState) -> None:
+        request = record.request
+        assert request is not None
+        self.sink.hand_off(
+            HandOffMessage(
+                rank=self.rank,
+                index=record.index,
+                state=state,
+                metrics=request.metrics,
+                checkpoint_dir=record.checkpoint_dir if state is ReportState.REPORTED else None,
+                part=record.part,
+                error=record.error,
+            )
+        )
+        record.request = None  # metrics and paths are the controller's now; keep memory flat
+
+    # -- waiting ---------------------------------------------------------------------------
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def _raise_if_aborted(self) -> None:
+        if self.aborted is not None:
+            raise RunAbortedError(f"rank {self.rank}: the run is ending ({self.aborted!r})")
+
+
+def _call_train_fn(train_fn: Callable[..., Any], config: Mapping[str, Any] | None) -> Any:
+    return train_fn(config) if _takes_config(train_fn) else train_fn()
+
+
+async def _call_train_fn_async(train_fn: Callable[..., Any], config: Mapping[str, Any] | None) -> Any:
+    return await (train_fn(config) if _takes_config(train_fn) else train_fn())
+
+
+def _takes_config(train_fn: Callable[..., Any]) -> bool:
+    try:
+        parameters = inspect.signature(train_fn).parameters
+    except (TypeError, ValueError):
+        return True
+    return len(parameters) > 0

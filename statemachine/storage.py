@@ -1,0 +1,388 @@
+"""Durable storage on fsspec: the run folder, uploads, the commit marker, and the run state.
+
+Layout of a run folder (DESIGN.md section 4)::
+
+    <storage_path>/<name>/
+        run_state.json                      latest committed index and kept checkpoints
+        checkpoint_000000/
+            rank_0/...                      files of rank 0 (uploaded or registered in place)
+            rank_1/...
+            _COMMITTED.json                 the commit marker with the manifest, written last
+            .staging/                       upload attempts in progress (removed on commit)
+
+Why the marker is the only truth: uploads of different ranks finish at different times and a
+process may die at any point. A checkpoint folder therefore looks complete long before it is;
+only the controller knows when every rank's part is in, and it says so by writing
+``_COMMITTED.json`` after everything else. Readers never look at a folder without it.
+
+Why attempts are staged: an attempt that timed out may still be writing in an abandoned thread.
+Each attempt writes under ``.staging/`` in its own folder and is moved into place only when it
+finished, so a late writer can never touch a part that a later attempt delivered.
+
+Everything here is blocking I/O: the runtime calls it through ``trio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+import shutil
+import tempfile
+import time
+import uuid
+import zlib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from .checkpoint import Checkpoint
+
+__all__ = [
+    "MARKER_NAME",
+    "RUN_STATE_NAME",
+    "FileEntry",
+    "PartManifest",
+    "RunStorage",
+    "snapshot_directory",
+]
+
+MARKER_NAME = "_COMMITTED.json"
+RUN_STATE_NAME = "run_state.json"
+STAGING_NAME = ".staging"
+CHUNK_SIZE = 8 * 1024 * 1024
+_CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
+
+#: Called with the number of bytes written, after each chunk.
+ProgressCallback = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file of a part: its path relative to the part folder, size and CRC-32."""
+
+    path: str
+    size: int
+    crc32: str
+
+
+@dataclass(frozen=True, slots=True)
+class PartManifest:
+    """What one rank contributed to a checkpoint."""
+
+    rank: int
+    #: The part folder, relative to the run folder.
+    path: str
+    files: tuple[FileEntry, ...] = ()
+
+    @property
+    def bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rank": self.rank, "path": self.path, "bytes": self.bytes, "files": [asdict(f) for f in self.files]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> PartManifest:
+        return cls(int(data["rank"]), str(data["path"]), tuple(FileEntry(**f) for f in data["files"]))
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedCheckpoint:
+    """A committed checkpoint as its marker describes it."""
+
+    index: int
+    #: The checkpoint folder, relative to the run folder.
+    path: str
+    metrics: dict[str, Any]
+    parts: tuple[PartManifest, ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "index": self.index,
+            "path": self.path,
+            "metrics": self.metrics,
+            "ranks": [p.rank for p in self.parts],
+            "parts": [p.to_json() for p in self.parts],
+            "bytes": sum(p.bytes for p in self.parts),
+            "committed_at": time.time(),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> CommittedCheckpoint:
+        return cls(
+            int(data["index"]),
+            str(data["path"]),
+            dict(data.get("metrics") or {}),
+            tuple(PartManifest.from_json(p) for p in data.get("parts", ())),
+        )
+
+
+def checkpoint_dir_name(index: int) -> str:
+    return f"checkpoint_{index:06d}"
+
+
+def validate_dir_name(name: object) -> str:
+    """Check a user's ``checkpoint_dir_name``: a relative path that stays inside the run folder."""
+    if not isinstance(name, str):
+        raise TypeError(f"checkpoint_dir_name must be a str, got {type(name).__name__}")
+    cleaned = posixpath.normpath(name.replace("\\", "/"))
+    if (
+        not name
+        or name.startswith(("/", "\\"))
+        or re.match(r"^[A-Za-z]:", name)
+        or "://" in name
+        or cleaned in (".", "..")
+        or cleaned.startswith("../")
+    ):
+        raise ValueError(f"checkpoint_dir_name {name!r} escapes the run folder; give a relative folder name")
+    first = cleaned.split("/", 1)[0]
+    if first in (RUN_STATE_NAME, STAGING_NAME) or cleaned.endswith(MARKER_NAME):
+        raise ValueError(f"checkpoint_dir_name {name!r} is a name the library reserves")
+    return cleaned
+
+
+def _crc_hex(value: int) -> str:
+    return f"{value & 0xFFFFFFFF:08x}"
+
+
+def local_files(directory: str) -> list[str]:
+    """Every file under ``directory``, as sorted relative POSIX paths."""
+    found: list[str] = []
+    for root, _dirs, files in os.walk(directory):
+        for name in files:
+            found.append(os.path.relpath(os.path.join(root, name), directory).replace(os.sep, "/"))
+    return sorted(found)
+
+
+def snapshot_directory(source: str, target_root: str, mode: str = "link") -> str:
+    """Freeze ``source`` into a new folder under ``target_root``; return the folder.
+
+    ``mode="link"`` hard-links each file (a copy where the file system refuses, for example
+    across devices), so the caller may delete or replace its files at once; ``"copy"`` always
+    copies, which is also safe against rewriting a file in place.
+    """
+    target = os.path.join(target_root, uuid.uuid4().hex)
+    os.makedirs(target)
+    for relative in local_files(source):
+        src = os.path.join(source, relative)
+        dst = os.path.join(target, relative)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        if mode == "link":
+            try:
+                os.link(src, dst)
+                continue
+            except OSError:
+                pass
+        shutil.copyfile(src, dst)
+    return target
+
+
+def delete_local_directory(path: str, protected: Iterable[str] = ()) -> bool:
+    """Remove a local checkpoint directory unless it is a folder that must never be removed.
+
+    Refuses the file system root, the home folder, the current folder and its parents, and any
+    folder in ``protected`` or inside one (the local run folder). Returns whether it removed.
+    """
+    real = os.path.realpath(path)
+    cwd = os.path.realpath(os.getcwd())
+    forbidden = {os.path.realpath(os.path.expanduser("~")), os.path.realpath(os.sep)}
+    if real in forbidden or cwd == real or cwd.startswith(real + os.sep):
+        return False
+    for folder in protected:
+        folder = os.path.realpath(folder)
+        if real == folder or real.startswith(folder + os.sep) or folder.startswith(real + os.sep):
+            return False
+    shutil.rmtree(real, ignore_errors=True)
+    return True
+
+
+class RunStorage:
+    """One run folder in one fsspec file system."""
+
+    def __init__(
+        self, storage_path: str | os.PathLike[str], name: str, storage_options: Mapping[str, Any] | None = None
+    ) -> None:
+        fs, root = fsspec.core.url_to_fs(os.fspath(storage_path), **dict(storage_options or {}))
+        self.fs: fsspec.AbstractFileSystem = fs
+        self.name = name
+        self.root: str = posixpath.join(root.rstrip("/"), name) if root.rstrip("/") else name
+        self.is_local = isinstance(fs, LocalFileSystem)
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def url(self, relative: str = "") -> str:
+        path = posixpath.join(self.root, relative) if relative else self.root
+        return str(self.fs.unstrip_protocol(path))
+
+    def path(self, relative: str) -> str:
+        return posixpath.join(self.root, relative)
+
+    def part_relpath(self, checkpoint_relpath: str, rank: int) -> str:
+        return posixpath.join(checkpoint_relpath, f"rank_{rank}")
+
+    def relative_to_run(self, url_or_path: str) -> str | None:
+        """The path of ``url_or_path`` inside the run folder, or None when it is outside."""
+        try:
+            fs, path = fsspec.core.url_to_fs(url_or_path)
+        except (ValueError, ImportError):
+            return None
+        if fs.protocol != self.fs.protocol:
+            return None
+        path = posixpath.normpath(path)
+        root = posixpath.normpath(self.root)
+        if path == root or not path.startswith(root + "/"):
+            return None
+        return str(path)[len(root) + 1 :]
+
+    # -- uploads -------------------------------------------------------------------------
+
+    def upload_part(
+        self,
+        local_dir: str,
+        part_relpath: str,
+        rank: int,
+        progress: ProgressCallback | None = None,
+    ) -> PartManifest:
+        """Copy ``local_dir`` to ``part_relpath`` through a staging folder; return its manifest."""
+        checkpoint_relpath = posixpath.dirname(part_relpath)
+        staging = self.path(posixpath.join(checkpoint_relpath, STAGING_NAME, f"rank_{rank}-{uuid.uuid4().hex[:12]}"))
+        entries: list[FileEntry] = []
+        buffer = bytearray(CHUNK_SIZE)
+        view = memoryview(buffer)
+        self.fs.makedirs(staging, exist_ok=True)
+        for relative in local_files(local_dir):
+            destination = posixpath.join(staging, relative)
+            parent = posixpath.dirname(destination)
+            if parent != staging:
+                self.fs.makedirs(parent, exist_ok=True)
+            crc = 0
+            size = 0
+            with open(os.path.join(local_dir, relative), "rb") as src, self.fs.open(destination, "wb") as dst:
+                while True:
+                    n = src.readinto(buffer)
+                    if not n:
+                        break
+                    chunk = view[:n]
+                    crc = zlib.crc32(chunk, crc)
+                    dst.write(chunk)
+                    size += n
+                    if progress is not None:
+                        progress(n)
+            entries.append(FileEntry(relative, size, _crc_hex(crc)))
+        final = self.path(part_relpath)
+        if self.fs.exists(final):
+            self.fs.rm(final, recursive=True)
+        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+        self.fs.mv(staging, final, recursive=True)
+        return PartManifest(rank, part_relpath, tuple(entries))
+
+    def scan_part(self, part_relpath: str, rank: int) -> PartManifest:
+        """Build the manifest of files already in storage (NO_UPLOAD), reading them once."""
+        base = self.path(part_relpath)
+        if not self.fs.isdir(base):
+            raise FileNotFoundError(f"NO_UPLOAD checkpoint folder {self.url(part_relpath)} does not exist")
+        entries: list[FileEntry] = []
+        for path in sorted(self.fs.find(base)):
+            relative = path[len(base) :].lstrip("/")
+            crc = 0
+            size = 0
+            with self.fs.open(path, "rb") as handle:
+                while chunk := handle.read(CHUNK_SIZE):
+                    crc = zlib.crc32(chunk, crc)
+                    size += len(chunk)
+            entries.append(FileEntry(relative, size, _crc_hex(crc)))
+        return PartManifest(rank, part_relpath, tuple(entries))
+
+    # -- commit --------------------------------------------------------------------------
+
+    def _write_atomic(self, path: str, data: bytes, exclusive: bool = False) -> None:
+        if self.is_local:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, temporary = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+            try:
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                if exclusive:
+                    os.link(temporary, path)
+                else:
+                    os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.unlink(temporary)
+            return
+        if exclusive and self.fs.exists(path):
+            raise FileExistsError(f"{self.fs.unstrip_protocol(path)} already exists")
+        self.fs.pipe_file(path, data)
+
+    def commit(self, checkpoint: CommittedCheckpoint) -> None:
+        """Write the commit marker of ``checkpoint`` (last), then drop its staging folder."""
+        folder = self.path(checkpoint.path)
+        self.fs.makedirs(folder, exist_ok=True)
+        payload = json.dumps(checkpoint.to_json(), indent=1, sort_keys=True).encode()
+        self._write_atomic(posixpath.join(folder, MARKER_NAME), payload, exclusive=True)
+        staging = posixpath.join(folder, STAGING_NAME)
+        if self.fs.exists(staging):
+            self.fs.rm(staging, recursive=True)
+
+    def read_marker(self, checkpoint_relpath: str) -> CommittedCheckpoint | None:
+        path = self.path(posixpath.join(checkpoint_relpath, MARKER_NAME))
+        try:
+            data = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        return CommittedCheckpoint.from_json(data)
+
+    def checkpoint(self, committed: CommittedCheckpoint) -> Checkpoint:
+        return Checkpoint(self.path(committed.path), self.fs)
+
+    # -- run state -----------------------------------------------------------------------
+
+    def read_run_state(self) -> dict[str, Any] | None:
+        try:
+            data: dict[str, Any] = json.loads(self.fs.cat_file(self.path(RUN_STATE_NAME)))
+        except FileNotFoundError:
+            return None
+        return data
+
+    def write_run_state(self, state: Mapping[str, Any]) -> None:
+        self._write_atomic(self.path(RUN_STATE_NAME), json.dumps(state, indent=1, sort_keys=True).encode())
+
+    def checkpoint_folders(self) -> list[tuple[int, str]]:
+        """``(index, relative path)`` of every ``checkpoint_NNNNNN`` folder, committed or not."""
+        try:
+            listing = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in listing:
+            base = posixpath.basename(entry.rstrip("/"))
+            match = _CHECKPOINT_RE.match(base)
+            if match:
+                found.append((int(match.group(1)), base))
+        return sorted(found)
+
+    def remove_uncommitted(self, from_index: int) -> list[str]:
+        """Delete ``checkpoint_NNNNNN`` folders at or after ``from_index`` that have no marker."""
+        removed = []
+        for index, relative in self.checkpoint_folders():
+            if index >= from_index and self.read_marker(relative) is None:
+                self.fs.rm(self.path(relative), recursive=True)
+                removed.append(relative)
+        return removed
+
+    def delete_checkpoint(self, relative: str) -> None:
+        """Delete a committed checkpoint: the marker first, so it is never seen half-deleted."""
+        folder = self.path(relative)
+        marker = posixpath.join(folder, MARKER_NAME)
+        if self.fs.exists(marker):
+            self.fs.rm(marker)
+        if self.fs.exists(folder):
+            self.fs.rm(folder, recursive=True)
