@@ -43,6 +43,7 @@ from .errors import ReportFailedError, RunAbortedError
 from .lifecycle import Event, HandOff, RankLifecycle, ReleaseSlot, ReportState
 from .result import ReportInfo
 from .storage import (
+    LinkStats,
     PartManifest,
     RunStorage,
     checkpoint_dir_name,
@@ -93,6 +94,8 @@ class ReportRequest:
     delete_local: bool = False
     #: NO_UPLOAD: the part folder relative to the run folder.
     registered_part: str | None = None
+    #: Snapshot-time stats of hard-linked files, to catch a file rewritten in place.
+    linked: LinkStats | None = None
     dir_name: str | None = None
     upload_fn: UploadFn | None = None
     has_checkpoint: bool = False
@@ -264,7 +267,9 @@ class RankRuntime:
         request.original_dir = checkpoint.path
         request.delete_local = mode.default_delete_local if delete_local is None else delete_local
         if mode is CheckpointUploadMode.ASYNC and checkpoint.is_local:
-            request.upload_source = snapshot_directory(checkpoint.path, self._snapshot_root, self.upload.snapshot)
+            request.upload_source, request.linked = snapshot_directory(
+                checkpoint.path, self._snapshot_root, self.upload.snapshot
+            )
         else:
             request.upload_source = checkpoint.path
         return request
@@ -359,7 +364,9 @@ class RankRuntime:
     async def _upload(self, record: _Record, request: ReportRequest) -> PartManifest:
         assert request.upload_source is not None and record.checkpoint_dir is not None
         part_relpath = self.storage.part_relpath(record.checkpoint_dir, self.rank)
-        return await _threads.run_in_thread(self.storage.upload_part, request.upload_source, part_relpath, self.rank)
+        return await _threads.run_in_thread(
+            self.storage.upload_part, request.upload_source, part_relpath, self.rank, None, request.linked
+        )
 
     def _clean_up_after_upload(self, request: ReportRequest) -> None:
         """Drop the snapshot, and the caller's folder when asked; only after a good upload."""

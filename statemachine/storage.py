@@ -46,6 +46,7 @@ __all__ = [
     "MARKER_NAME",
     "RUN_STATE_NAME",
     "FileEntry",
+    "CheckpointModifiedError",
     "PartManifest",
     "RunStorage",
     "snapshot_directory",
@@ -160,15 +161,27 @@ def local_files(directory: str) -> list[str]:
     return sorted(found)
 
 
-def snapshot_directory(source: str, target_root: str, mode: str = "link") -> str:
-    """Freeze ``source`` into a new folder under ``target_root``; return the folder.
+class CheckpointModifiedError(ValueError):
+    """A hard-linked ASYNC snapshot changed because the caller rewrote a file in place."""
+
+
+#: ``relative path -> (size, mtime_ns)`` of each hard-linked file at snapshot time.
+LinkStats = dict[str, tuple[int, int]]
+
+
+def snapshot_directory(source: str, target_root: str, mode: str = "link") -> tuple[str, LinkStats]:
+    """Freeze ``source`` into a new folder under ``target_root``; return it and its link stats.
 
     ``mode="link"`` hard-links each file (a copy where the file system refuses, for example
-    across devices), so the caller may delete or replace its files at once; ``"copy"`` always
-    copies, which is also safe against rewriting a file in place.
+    across devices): cheap, and safe when the caller deletes its folder or replaces files (a
+    ``TemporaryDirectory``, a write-then-rename). A hard link shares the file's data, so a file
+    *rewritten in place* would change the snapshot too; the stats returned let the upload notice
+    that and fail the report with :class:`CheckpointModifiedError` instead of uploading a torn
+    file. ``mode="copy"`` always copies, which is safe against anything.
     """
     target = os.path.join(target_root, uuid.uuid4().hex)
     os.makedirs(target)
+    linked: LinkStats = {}
     for relative in local_files(source):
         src = os.path.join(source, relative)
         dst = os.path.join(target, relative)
@@ -176,11 +189,14 @@ def snapshot_directory(source: str, target_root: str, mode: str = "link") -> str
         if mode == "link":
             try:
                 os.link(src, dst)
-                continue
             except OSError:
                 pass
+            else:
+                info = os.stat(dst)
+                linked[relative] = (info.st_size, info.st_mtime_ns)
+                continue
         shutil.copyfile(src, dst)
-    return target
+    return target, linked
 
 
 def delete_local_directory(path: str, protected: Iterable[str] = ()) -> bool:
@@ -248,8 +264,14 @@ class RunStorage:
         part_relpath: str,
         rank: int,
         progress: ProgressCallback | None = None,
+        linked: LinkStats | None = None,
     ) -> PartManifest:
-        """Copy ``local_dir`` to ``part_relpath`` through a staging folder; return its manifest."""
+        """Copy ``local_dir`` to ``part_relpath`` through a staging folder; return its manifest.
+
+        ``linked`` holds the snapshot-time stats of hard-linked files (see
+        :func:`snapshot_directory`); a file whose stats changed was rewritten in place by the
+        caller and the upload fails rather than publish a mix of two checkpoints.
+        """
         checkpoint_relpath = posixpath.dirname(part_relpath)
         staging = self.path(posixpath.join(checkpoint_relpath, STAGING_NAME, f"rank_{rank}-{uuid.uuid4().hex[:12]}"))
         entries: list[FileEntry] = []
@@ -274,6 +296,14 @@ class RunStorage:
                     size += n
                     if progress is not None:
                         progress(n)
+                if linked and relative in linked:
+                    info = os.fstat(src.fileno())
+                    if (info.st_size, info.st_mtime_ns) != linked[relative]:
+                        raise CheckpointModifiedError(
+                            f"{relative} was rewritten in place while its ASYNC upload was running; "
+                            "write each checkpoint to a new directory or file, or use "
+                            "UploadConfig(snapshot='copy')"
+                        )
             entries.append(FileEntry(relative, size, _crc_hex(crc)))
         final = self.path(part_relpath)
         if self.fs.exists(final):

@@ -1,0 +1,303 @@
+"""The trio runtime of a rank: back-pressure, delete flags, snapshots, errors, async training."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+import statemachine as sm
+from tests.conftest import run_trio
+from tests.fsutil import FailingFileSystem, GatedFileSystem
+from tests.helpers import ASYNC, METRICS, NO_UPLOAD, SYNC, Recorder, assert_run_is_consistent, payload, trainer
+
+
+def _write(directory: str, rank: int, step: int) -> str:
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "data.bin"), "wb") as handle:
+        handle.write(payload(rank, step))
+    return directory
+
+
+def test_max_pending_reports_holds_back_report_until_an_earlier_one_is_terminal(tmp_path: Any) -> None:
+    GatedFileSystem.reset()
+    returned: list[int] = []
+
+    async def train_fn() -> None:
+        for step in range(3):
+            local = _write(str(tmp_path / f"c{step}"), 0, step)
+            await sm.areport(
+                {"step": step}, checkpoint=sm.Checkpoint.from_directory(local), checkpoint_upload_mode=ASYNC
+            )
+            returned.append(step)
+
+    run = sm.Trainer(
+        train_fn,
+        run_config=sm.RunConfig(
+            storage_path="gated://runs",
+            name="bp",
+            upload_config=sm.UploadConfig(max_concurrent_uploads=1, max_pending_reports=2),
+        ),
+    )
+
+    async def scenario() -> sm.Result:
+        async with trio.open_nursery() as nursery:
+            results: list[sm.Result] = []
+
+            async def fit() -> None:
+                results.append(await run.fit_async())
+
+            nursery.start_soon(fit)
+            await trio.to_thread.run_sync(GatedFileSystem.writers.wait)
+            await trio.testing.wait_all_tasks_blocked()
+            # Report 0 uploads (held by the gate), report 1 waits for the slot: the third
+            # report() must be waiting for one of them to become terminal.
+            assert returned == [0, 1]
+            GatedFileSystem.gate.set()
+        return results[0]
+
+    result = run_trio(scenario)
+    assert returned == [0, 1, 2]
+    assert result.committed_indices == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("mode", "flag", "deleted"),
+    [
+        (SYNC, None, False),
+        (SYNC, True, True),
+        (ASYNC, None, True),
+        (ASYNC, False, False),
+    ],
+)
+def test_local_checkpoint_is_deleted_after_upload_only_as_the_flag_or_mode_default_says(
+    mode: sm.CheckpointUploadMode, flag: bool | None, deleted: bool, tmp_path: Any, memory_url: str
+) -> None:
+    local = _write(str(tmp_path / "ckpt"), 0, 0)
+
+    def train_fn() -> None:
+        sm.report(
+            {"x": 1},
+            checkpoint=sm.Checkpoint.from_directory(local),
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=flag,
+        )
+
+    result = run_trio(sm.Trainer(train_fn, run_config=sm.RunConfig(storage_path=memory_url, name="d")).fit_async)
+    assert result.committed_indices == [0]
+    assert os.path.exists(local) is not deleted
+
+
+def test_failed_upload_keeps_the_local_checkpoint(tmp_path: Any) -> None:
+    FailingFileSystem.reset("rank_0")
+    local = _write(str(tmp_path / "ckpt"), 0, 0)
+
+    def train_fn() -> None:
+        sm.report(
+            {"x": 1},
+            checkpoint=sm.Checkpoint.from_directory(local),
+            checkpoint_upload_mode=ASYNC,
+            delete_local_checkpoint_after_upload=True,
+        )
+
+    trainer_ = sm.Trainer(train_fn, run_config=sm.RunConfig(storage_path="failing://runs", name="keep"))
+    with pytest.raises(sm.TrainingFailedError, match=r"rank 0, report 0 failed: OSError"):
+        run_trio(trainer_.fit_async)
+    assert os.path.exists(os.path.join(local, "data.bin"))
+
+
+def _async_report_then_change(change: str, snapshot: str) -> sm.Result:
+    """ASYNC-report a TemporaryDirectory, change it as ``change`` says, leave it; then upload."""
+    GatedFileSystem.reset()
+
+    def train_fn() -> None:
+        with tempfile.TemporaryDirectory() as local:
+            _write(local, 0, 0)
+            sm.report({"x": 1}, checkpoint=sm.Checkpoint.from_directory(local), checkpoint_upload_mode=ASYNC)
+            path = os.path.join(local, "data.bin")
+            if change == "replace":
+                with open(path + ".new", "wb") as handle:
+                    handle.write(b"written after report")
+                os.replace(path + ".new", path)
+            elif change == "rewrite":
+                with open(path, "wb") as handle:
+                    handle.write(b"rewritten in place after report")
+        GatedFileSystem.gate.set()  # the upload may start only now: the directory is gone
+
+    trainer_ = sm.Trainer(
+        train_fn,
+        run_config=sm.RunConfig(
+            storage_path="gated://runs",
+            name="tmp",
+            upload_config=sm.UploadConfig(snapshot=snapshot),  # type: ignore[arg-type]
+        ),
+    )
+    return run_trio(trainer_.fit_async)
+
+
+def _uploaded(result: sm.Result) -> bytes:
+    assert result.checkpoint is not None
+    with result.checkpoint.as_directory() as folder, open(os.path.join(folder, "rank_0", "data.bin"), "rb") as handle:
+        return handle.read()
+
+
+@pytest.mark.parametrize(("change", "snapshot"), [("none", "link"), ("replace", "link"), ("rewrite", "copy")])
+def test_async_report_of_a_temporary_directory_uploads_what_was_there_at_report_time(
+    change: str, snapshot: str
+) -> None:
+    assert _uploaded(_async_report_then_change(change, snapshot)) == payload(0, 0)
+
+
+def test_file_rewritten_in_place_under_a_hard_link_snapshot_fails_the_report_instead_of_uploading_it() -> None:
+    with pytest.raises(sm.TrainingFailedError, match="rewritten in place") as info:
+        _async_report_then_change("rewrite", "link")
+    assert info.value.result is not None and info.value.result.checkpoint is None
+
+
+def test_training_function_that_raises_after_async_reports_still_commits_them(memory_url: str) -> None:
+    both_reported = threading.Barrier(2)
+
+    def train_fn(config: dict[str, Any]) -> None:
+        for step in range(3):
+            with tempfile.TemporaryDirectory() as local:
+                _write(local, sm.get_context().world_rank, step)
+                sm.report({"step": step}, checkpoint=sm.Checkpoint.from_directory(local), checkpoint_upload_mode=ASYNC)
+        both_reported.wait(timeout=60)  # so that rank 0 is not stopped before its own reports
+        if sm.get_context().world_rank == 1:
+            raise ZeroDivisionError("boom after reporting")
+
+    trainer_ = sm.Trainer(
+        train_fn,
+        scaling_config=sm.ScalingConfig(num_workers=2),
+        run_config=sm.RunConfig(storage_path=memory_url, name="raise"),
+    )
+    with pytest.raises(sm.TrainingFailedError, match=r"rank 1 failed in its training function after report 2") as info:
+        run_trio(trainer_.fit_async)
+    assert isinstance(info.value.__cause__, ZeroDivisionError)
+    result = info.value.result
+    assert result is not None and result.error is info.value
+    assert result.committed_indices == [0, 1, 2]
+    assert result.checkpoint is not None and result.checkpoint.path.endswith("checkpoint_000002")
+
+
+def test_caught_bad_report_uses_no_index_and_the_next_good_report_works(memory_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def train_fn() -> None:
+        try:
+            sm.report({"bad": object()})
+        except TypeError as error:
+            errors.append(error)
+        sm.report({"good": 1})
+
+    recorder = Recorder()
+    result = run_trio(
+        sm.Trainer(
+            train_fn, run_config=sm.RunConfig(storage_path=memory_url, name="c", callbacks=(recorder,))
+        ).fit_async
+    )
+    assert len(errors) == 1 and "JSON" in str(errors[0])
+    assert [(m.index, m.metrics) for m in recorder.hand_offs] == [(0, {"good": 1})]
+    assert result.metrics == {"good": 1}
+
+
+def test_ranks_that_report_a_different_number_of_times_fail_the_run_with_their_counts(memory_url: str) -> None:
+    plans = [[METRICS, METRICS, METRICS], [METRICS, METRICS]]
+    with pytest.raises(sm.TrainingFailedError, match=r"rank 0: 3, rank 1: 2"):
+        run_trio(trainer(memory_url, plans).fit_async)
+
+
+def test_sync_upload_error_ends_the_run_naming_rank_index_and_cause_without_committing() -> None:
+    FailingFileSystem.reset("checkpoint_000001/.staging/rank_1")
+    plans = [[SYNC, SYNC, SYNC], [SYNC, SYNC, SYNC]]
+    with pytest.raises(sm.TrainingFailedError, match=r"rank 1, report 1 failed: OSError\('injected") as info:
+        run_trio(trainer("failing://runs", plans).fit_async)
+    result = info.value.result
+    assert result is not None
+    assert result.committed_indices == [0]
+    assert not FailingFileSystem().exists("/runs/run/checkpoint_000001/_COMMITTED.json")
+    states = {(r.rank, r.index): r.state for r in result.reports}
+    assert states[(1, 1)] is sm.ReportState.FAILED
+
+
+def test_on_failure_continue_skips_the_failed_index_and_commits_the_rest() -> None:
+    FailingFileSystem.reset("checkpoint_000001/.staging/rank_0")
+    plans = [[ASYNC, ASYNC, ASYNC], [ASYNC, ASYNC, ASYNC]]
+    recorder = Recorder()
+    result = run_trio(trainer("failing://runs", plans, recorder, sm.UploadConfig(on_failure="continue")).fit_async)
+    assert result.error is None
+    assert result.committed_indices == [0, 2]
+    failed = [r for r in result.reports if r.state is sm.ReportState.FAILED]
+    assert [(r.rank, r.index) for r in failed] == [(0, 1)]
+    assert isinstance(failed[0].error, OSError)
+
+
+def test_async_training_function_reports_with_areport(memory_url: str) -> None:
+    async def train_fn(config: dict[str, Any]) -> None:
+        for step in range(config["steps"]):
+            await sm.areport({"step": step})
+
+    recorder = Recorder()
+    result = run_trio(
+        sm.Trainer(
+            train_fn,
+            train_loop_config={"steps": 4},
+            scaling_config=sm.ScalingConfig(num_workers=2),
+            run_config=sm.RunConfig(storage_path=memory_url, name="a", callbacks=(recorder,)),
+        ).fit_async
+    )
+    assert result.committed_indices == [0, 1, 2, 3]
+    assert_run_is_consistent(result, recorder, [[METRICS] * 4] * 2)
+
+
+def test_sync_report_returns_only_after_its_hand_off(memory_url: str, tmp_path: Any) -> None:
+    seen: list[int] = []
+    recorder = Recorder()
+
+    def train_fn() -> None:
+        for step in range(3):
+            local = _write(str(tmp_path / f"s{step}"), 0, step)
+            sm.report({"step": step}, checkpoint=sm.Checkpoint.from_directory(local), checkpoint_upload_mode=SYNC)
+            seen.append(len(recorder.hand_offs))
+
+    run_trio(
+        sm.Trainer(
+            train_fn, run_config=sm.RunConfig(storage_path=memory_url, name="s", callbacks=(recorder,))
+        ).fit_async
+    )
+    assert seen == [1, 2, 3]
+
+
+def test_no_upload_registers_files_in_place_without_copying(file_url: str) -> None:
+    plans = [[NO_UPLOAD, NO_UPLOAD]]
+    recorder = Recorder()
+    result = run_trio(trainer(file_url, plans, recorder).fit_async)
+    assert_run_is_consistent(result, recorder, plans)
+    assert [p.path for c in recorder.commits for p in c.parts] == [
+        "checkpoint_000000/rank_0",
+        "checkpoint_000001/rank_0",
+    ]
+
+
+def test_get_context_describes_the_rank(memory_url: str) -> None:
+    seen: list[tuple[int, int, str, str]] = []
+
+    def train_fn() -> None:
+        ctx = sm.get_context()
+        seen.append((ctx.world_rank, ctx.world_size, ctx.run_name, ctx.next_checkpoint_path()))
+        assert sm.get_checkpoint() is None
+
+    run_trio(
+        sm.Trainer(
+            train_fn,
+            scaling_config=sm.ScalingConfig(num_workers=2),
+            run_config=sm.RunConfig(storage_path=memory_url, name="ctx"),
+        ).fit_async
+    )
+    assert sorted(s[:3] for s in seen) == [(0, 2, "ctx"), (1, 2, "ctx")]
+    assert all(s[3].endswith(f"/ctx/checkpoint_000000/rank_{s[0]}") for s in seen)
