@@ -1,0 +1,1 @@
+"""Machine-checked arguments about the report lifecycle (see proofs/README.md)."""
