@@ -48,8 +48,8 @@ class _AmountColumn(ProgressColumn):
 class RunProgress:
     """Callback that draws a run's progress; use it as a context manager around ``fit()``.
 
-    ``reports_per_rank``, when known, gives the report and commit rows a total (a bar);
-    otherwise they count up. ``console`` defaults to standard error, so that a program's own
+    ``reports_per_rank``, when known, gives each rank's row a total (a bar); otherwise it
+    counts up. ``console`` defaults to standard error, so that a program's own
     output on standard output is not mixed with the display.
     """
 
@@ -74,7 +74,8 @@ class RunProgress:
         self._ranks: dict[int, TaskID] = {}
         self._failed: dict[int, int] = {}
         self._uploads: dict[tuple[int, int], TaskID] = {}
-        self._commits = self.progress.add_task("committed", total=reports_per_rank, info="")
+        # Metrics-only commits are not announced to callbacks, so this row has no total.
+        self._commits = self.progress.add_task("checkpoints committed", total=None, info="")
         self._bytes = self.progress.add_task("uploaded", total=None, unit="bytes")
         for rank in range(world_size or 0):
             self._rank_task(rank)

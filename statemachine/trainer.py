@@ -105,7 +105,8 @@ class Trainer:
     async def fit_async(self) -> Result:
         """:meth:`fit` for a caller that already runs trio."""
         display: RunProgress | None = None
-        if self.run_config.upload_config.show_progress:
+        own = [*self.callbacks, *self.run_config.callbacks]
+        if self.run_config.upload_config.show_progress and not any(isinstance(c, RunProgress) for c in own):
             display = RunProgress(world_size=self.scaling_config.num_workers)
         self._display = display
         with display if display is not None else contextlib.nullcontext():
