@@ -72,9 +72,7 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     name = args.name or time.strftime("demo-%Y%m%d-%H%M%S")
     config = {"steps": args.steps, "size_mib": args.size_mib, "step_time": args.step_time}
-    display = RunProgress(
-        world_size=args.ranks, reports_per_rank=args.steps, console=console, disable=args.no_progress
-    )
+    display = RunProgress(world_size=args.ranks, reports_per_rank=args.steps, console=console, disable=args.no_progress)
     trainer = sm.Trainer(
         train_fn,
         train_loop_config=config,
