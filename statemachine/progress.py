@@ -52,12 +52,22 @@ class _SyncingProgress(Progress):
     def __init__(self, sync: Callable[[], None], *columns: ProgressColumn, **options: Any) -> None:
         # Set first: the base class draws once while it is being built.
         self._sync: Callable[[], None] = lambda: None
+        self._syncing = False
         super().__init__(*columns, **options)
         self._sync = sync
 
     def get_renderables(self) -> Iterable[RenderableType]:
-        self._sync()
+        self._syncing = True
+        try:
+            self._sync()
+        finally:
+            self._syncing = False
         yield from super().get_renderables()
+
+    def refresh(self) -> None:
+        # ``add_task`` draws at once; during a sync that would draw (and sync) inside the sync.
+        if not self._syncing:
+            super().refresh()
 
 
 class RunProgress:
@@ -85,7 +95,7 @@ class RunProgress:
     ) -> None:
         self.reports_per_rank = reports_per_rank
         self.progress = _SyncingProgress(
-            self.sync,
+            self._sync_rows,
             TextColumn("{task.description:<24}"),
             BarColumn(),
             _AmountColumn(),
@@ -93,6 +103,10 @@ class RunProgress:
             console=console or Console(stderr=True),
             disable=disable,
             refresh_per_second=refresh_per_second,
+            # Rich would swap sys.stdout/sys.stderr for the whole process while the display is
+            # up; training threads and log handlers hold on to those streams, so leave them be.
+            redirect_stdout=False,
+            redirect_stderr=False,
         )
         self._lock = threading.Lock()
         self._reports: dict[int, int] = dict.fromkeys(range(world_size or 0), 0)
@@ -107,7 +121,7 @@ class RunProgress:
         # Metrics-only commits are not announced to callbacks, so this row has no total.
         self._commit_row = self.progress.add_task("checkpoints committed", total=None, info="")
         self._bytes_row = self.progress.add_task("uploaded", total=None, unit="bytes")
-        self.sync()
+        self._sync_rows()
 
     def __enter__(self) -> RunProgress:
         self.progress.start()
@@ -116,11 +130,14 @@ class RunProgress:
     def __exit__(
         self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
     ) -> None:
-        self.sync()
+        # Stopping joins the drawing thread (and draws a last time), so the final sync below
+        # cannot run alongside one of its syncs.
         self.progress.stop()
+        self._sync_rows()
 
-    def sync(self) -> None:
-        """Bring the rich rows up to date with the counters (done before every drawing)."""
+    def _sync_rows(self) -> None:
+        """Bring the rich rows up to date with the counters: by the drawing thread before it
+        draws, or by the owner while the display is not running (rows are not shared)."""
         with self._lock:
             reports = dict(self._reports)
             failed = dict(self._failed)

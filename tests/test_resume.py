@@ -23,9 +23,9 @@ def _train(config: dict[str, Any]) -> None:
     start = sm.get_checkpoint()
     first_step = 0
     if start is not None:
-        with start.as_directory() as local:
-            with open(os.path.join(local, f"rank_{ctx.world_rank}", "step.txt")) as handle:
-                first_step = int(handle.read()) + 1
+        # Each rank reads its own part (fsspec's memory:// hands every reader of a file the same
+        # file object, so ranks copying the whole checkpoint at once would race on its position).
+        first_step = int(start.filesystem.cat_file(f"{start.path}/rank_{ctx.world_rank}/step.txt")) + 1
     config["resumed_from"][ctx.world_rank] = (start.path if start else None, first_step)
     for step in range(first_step, first_step + config["steps"]):
         with tempfile.TemporaryDirectory() as local:
