@@ -80,7 +80,7 @@ def run_stats(
     ):
         if value is not None:
             extra[key] = value
-    return extra | {
+    return {
         "reports": len(reports),
         "by_state": dict(Counter(r.state.name for r in reports)),
         "by_mode": dict(Counter(r.mode.name for r in reports)),
@@ -88,7 +88,7 @@ def run_stats(
         "upload_s": summary(uploads),
         "retries": int(sum(r.timings.get("retries", 0.0) for r in reports)),
         "blocked_s": {mode: summary(values) for mode, values in sorted(blocked.items())},
-    }
+    } | extra
 
 
 def format_stats(stats: dict[str, Any]) -> str:
