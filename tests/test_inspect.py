@@ -56,6 +56,14 @@ def test_inspect_lists_committed_checkpoints_with_metrics_sizes_and_the_kept_set
     assert inspection.to_json()["kept"] == ["checkpoint_000001", "checkpoint_000002", "checkpoint_000003"]
 
 
+def test_inspect_lists_files_the_manifest_does_not_name_without_failing(memory_url: str) -> None:
+    storage = open_run(_run(memory_url))
+    storage.fs.pipe_file(storage.path("checkpoint_000003/rank_0/notes.txt"), b"left by the user")
+    entry = inspect_run(storage).checkpoints[-1]
+    assert entry.status == "ok"
+    assert entry.verification is not None and entry.verification.extra == ["rank_0/notes.txt"]
+
+
 def test_inspect_flags_corrupt_partial_and_missing_folders_and_exits_1(
     storage_url: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -102,3 +110,36 @@ def test_inspect_accepts_a_plain_local_path(tmp_path: Any, capsys: pytest.Captur
     assert main(["inspect", str(tmp_path / "runs" / "insp")]) == 0
     out = capsys.readouterr().out
     assert "checkpoint_000003" in out and "kept" in out
+
+
+def _train_no_upload(config: dict[str, Any]) -> None:
+    ctx = sm.get_context()
+    for step in range(2):
+        # Registered in place, in a folder of its own outside checkpoint_NNNNNN.
+        target = f"{ctx.storage_path}/shards/step{step}/rank_{ctx.world_rank}"
+        with fsspec.open(f"{target}/model.bin", "wb", auto_mkdir=True) as handle:
+            handle.write(bytes([step]) * 100)
+        sm.report(
+            {"step": step},
+            checkpoint=sm.Checkpoint(target),
+            checkpoint_upload_mode=sm.CheckpointUploadMode.NO_UPLOAD,
+        )
+
+
+def test_inspect_verifies_no_upload_parts_registered_outside_the_checkpoint_folder(memory_url: str) -> None:
+    trainer = sm.Trainer(
+        _train_no_upload,
+        scaling_config=sm.ScalingConfig(num_workers=2),
+        run_config=sm.RunConfig(storage_path=memory_url, name="shards"),
+    )
+    result = run_trio(trainer.fit_async)
+    storage = open_run(result.path)
+    inspection = inspect_run(storage)
+    assert [(c.index, c.status) for c in inspection.checkpoints] == [(0, "ok"), (1, "ok")]
+    assert inspection.checkpoints[1].verification is not None
+    assert inspection.checkpoints[1].verification.files == 2
+    storage.fs.rm(storage.path("shards/step1/rank_0/model.bin"))
+    again = inspect_run(storage)
+    assert [(c.index, c.status) for c in again.checkpoints] == [(0, "ok"), (1, "corrupt")]
+    assert again.checkpoints[1].verification is not None
+    assert again.checkpoints[1].verification.problems == ["rank 0: shards/step1/rank_0/model.bin is missing"]
