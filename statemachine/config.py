@@ -190,7 +190,8 @@ class RunConfig:
     upload_config: UploadConfig = field(default_factory=UploadConfig)
     #: Options passed to the fsspec file system (for example s3fs's ``client_kwargs``).
     storage_options: dict[str, object] = field(default_factory=dict)
-    #: Observers with any of ``on_report(message)`` and ``on_commit(committed)``.
+    #: Observers with any of ``on_report(message)``, ``on_commit(committed)`` and
+    #: ``on_upload_progress(rank, index, nbytes)`` (the last is called in the upload thread).
     callbacks: tuple[object, ...] = ()
 
     def __post_init__(self) -> None:

@@ -23,9 +23,10 @@ from typing import Any, Protocol
 import trio
 
 from . import _threads
-from .config import UploadConfig
+from .config import CheckpointConfig, UploadConfig
 from .lifecycle import CommitDecision, CommitLedger
 from .rank import HandOffMessage
+from .retention import plan_retention
 from .storage import CommittedCheckpoint, RunStorage
 
 __all__ = ["Callback", "Controller", "RunFailure"]
@@ -65,6 +66,7 @@ class Controller:
         upload: UploadConfig,
         committed: Sequence[CommittedCheckpoint] = (),
         callbacks: Sequence[object] = (),
+        checkpoint_config: CheckpointConfig | None = None,
     ) -> None:
         self.storage = storage
         self.world_size = world_size
@@ -76,6 +78,9 @@ class Controller:
         self.failure: RunFailure | None = None
         self.on_failure: Callable[[RunFailure], None] | None = None
         self.callbacks = list(callbacks)
+        self.checkpoint_config = checkpoint_config or CheckpointConfig()
+        #: Folders (relative to the run folder) that retention deleted in this attempt.
+        self.deleted: list[str] = []
         self._waiting: dict[int, list[HandOffMessage]] = {}
         self._send, self._receive = trio.open_memory_channel[_Commit](math.inf)
 
@@ -88,6 +93,21 @@ class Controller:
             messages = sorted(self._waiting.pop(decision.index), key=lambda m: m.rank)
             self._send.send_nowait(_Commit(decision, messages))
         self._check_counts()
+
+    def upload_progress(self, rank: int, index: int, nbytes: int) -> None:
+        """``nbytes`` more of an upload are written; called in the upload thread after each chunk.
+
+        Forwarded to callbacks with ``on_upload_progress(rank, index, nbytes)``, in that thread:
+        such a callback must be thread-safe and quick.
+        """
+        for callback in self.callbacks:
+            handler = getattr(callback, "on_upload_progress", None)
+            if handler is None:
+                continue
+            try:
+                handler(rank, index, nbytes)
+            except Exception:
+                logger.exception("callback %r.on_upload_progress failed", callback)
 
     def report_failed(self, rank: int, index: int, error: BaseException) -> None:
         if self.upload.on_failure == "raise":
@@ -170,11 +190,31 @@ class Controller:
             committed = CommittedCheckpoint(index, folders[0], metrics, parts)
             await _threads.run_in_thread(self.storage.commit, committed)
             self.checkpoints.append(committed)
+            # The run state names only the kept set and is written before anything is deleted,
+            # so a crash in between leaves extra folders (removed at a later commit), never a
+            # run state that names a deleted checkpoint.
+            plan = plan_retention(self.checkpoints, self.checkpoint_config, self._folders_in_flight())
+            self.checkpoints = list(plan.keep)
             await _threads.run_in_thread(self.storage.write_run_state, self.run_state())
             logger.info("committed %s (report %d, ranks %s)", committed.path, index, [p.rank for p in parts])
             self._emit("on_commit", committed)
+            if plan.delete:
+                await _threads.run_in_thread(self._delete, [c.path for c in plan.delete])
         self.committed_indices.append(index)
         self.last_metrics = metrics
+
+    def _folders_in_flight(self) -> set[str]:
+        return {m.checkpoint_dir for ms in self._waiting.values() for m in ms if m.checkpoint_dir is not None}
+
+    def _delete(self, folders: list[str]) -> None:
+        for folder in folders:
+            try:
+                self.storage.delete_checkpoint(folder)
+            except Exception as error:  # noqa: BLE001 - a failed clean-up must not fail training
+                logger.warning("retention could not delete %s: %r", self.storage.url(folder), error)
+                continue
+            self.deleted.append(folder)
+            logger.info("retention deleted %s", folder)
 
     def run_state(self) -> dict[str, Any]:
         latest = self.checkpoints[-1] if self.checkpoints else None

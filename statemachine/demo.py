@@ -17,11 +17,11 @@ from typing import Any
 
 import fsspec
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import statemachine as sm
 
+from .progress import RunProgress
 from .stats import percentile
 
 MODES = (sm.CheckpointUploadMode.SYNC, sm.CheckpointUploadMode.ASYNC, sm.CheckpointUploadMode.NO_UPLOAD)
@@ -68,39 +68,18 @@ def train_fn(config: dict[str, Any]) -> None:
             sm.report(metrics, checkpoint=sm.Checkpoint.from_directory(local), checkpoint_upload_mode=mode)
 
 
-class _ProgressCallback:
-    def __init__(self, progress: Progress, ranks: int, steps: int) -> None:
-        self.progress = progress
-        self.rank_tasks = [progress.add_task(f"rank {r} reports", total=steps) for r in range(ranks)]
-        self.commit_task = progress.add_task("committed", total=steps)
-
-    def on_report(self, message: Any) -> None:
-        self.progress.advance(self.rank_tasks[message.rank])
-
-    def on_commit(self, committed: Any) -> None:
-        self.progress.advance(self.commit_task)
-
-
 def run(args: argparse.Namespace) -> int:
     console = Console()
     name = args.name or time.strftime("demo-%Y%m%d-%H%M%S")
     config = {"steps": args.steps, "size_mib": args.size_mib, "step_time": args.step_time}
-    progress = Progress(
-        TextColumn("{task.description:<16}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        disable=args.no_progress,
-    )
-    callback = _ProgressCallback(progress, args.ranks, args.steps)
+    display = RunProgress(world_size=args.ranks, reports_per_rank=args.steps, console=console, disable=args.no_progress)
     trainer = sm.Trainer(
         train_fn,
         train_loop_config=config,
         scaling_config=sm.ScalingConfig(num_workers=args.ranks),
-        run_config=sm.RunConfig(storage_path=args.storage, name=name, callbacks=(callback,)),
+        run_config=sm.RunConfig(storage_path=args.storage, name=name, callbacks=(display,)),
     )
-    with progress:
+    with display:
         try:
             result = trainer.fit()
         except sm.TrainingFailedError as error:

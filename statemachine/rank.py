@@ -23,6 +23,7 @@ the call, so bad input raises at the call and consumes no report index.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -349,6 +350,14 @@ class RankRuntime:
                 return
             record.timings["upload_s"] = time.perf_counter() - started
             record.timings["bytes"] = float(record.part.bytes)
+            logger.info(
+                "rank %d, report %d: uploaded %d bytes in %.3f s (%.1f MiB/s)",
+                self.rank,
+                record.index,
+                record.part.bytes,
+                record.timings["upload_s"],
+                record.part.bytes / 2**20 / max(record.timings["upload_s"], 1e-9),
+            )
             self._apply(record, Event.UPLOAD_SUCCEEDED)
             self._clean_up_after_upload(request)
         except trio.Cancelled as cancelled:
@@ -364,8 +373,11 @@ class RankRuntime:
     async def _upload(self, record: _Record, request: ReportRequest) -> PartManifest:
         assert request.upload_source is not None and record.checkpoint_dir is not None
         part_relpath = self.storage.part_relpath(record.checkpoint_dir, self.rank)
+        # A sink may follow the bytes of each upload as they are written (called in the upload thread).
+        listener = getattr(self.sink, "upload_progress", None)
+        progress = functools.partial(listener, self.rank, record.index) if listener is not None else None
         return await _threads.run_in_thread(
-            self.storage.upload_part, request.upload_source, part_relpath, self.rank, None, request.linked
+            self.storage.upload_part, request.upload_source, part_relpath, self.rank, progress, request.linked
         )
 
     def _clean_up_after_upload(self, request: ReportRequest) -> None:

@@ -11,8 +11,10 @@ attempts, each resuming from what was committed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -23,21 +25,29 @@ from .backends import RunPlan, make_backend
 from .config import RunConfig, ScalingConfig
 from .controller import Controller, RunFailure
 from .errors import TrainingFailedError
+from .progress import RunProgress
 from .result import Result
-from .stats import run_stats
+from .stats import format_stats, run_stats
 from .storage import CommittedCheckpoint, RunStorage
+from .verify import verify_checkpoint
 
 __all__ = ["Trainer", "load_committed"]
 
 logger = logging.getLogger("statemachine")
 
 
-def load_committed(storage: RunStorage) -> tuple[list[CommittedCheckpoint], int]:
+def load_committed(storage: RunStorage, verify: bool = True) -> tuple[list[CommittedCheckpoint], int]:
     """The committed checkpoints of a run folder (oldest first) and the next report index.
 
     A folder counts only with its marker; the run state file is read too, for folders with a
     custom ``checkpoint_dir_name``, but a marker written just before a crash (and before the
     run state) is found by the folder scan, so nothing committed is ever forgotten.
+
+    With ``verify``, the latest checkpoints are checked against their manifests (a quick check:
+    listings and sizes, see :mod:`statemachine.verify`), newest first until one is valid; a
+    checkpoint whose files no longer match is left out, with a warning, so the run resumes from
+    the newest one that is whole. Its folder is left in place for ``inspect`` to show, and its
+    index is not reused: the next index still follows the highest committed one.
     """
     state = storage.read_run_state() or {}
     paths = {relative for _, relative in storage.checkpoint_folders()}
@@ -45,6 +55,16 @@ def load_committed(storage: RunStorage) -> tuple[list[CommittedCheckpoint], int]
     committed = [m for m in (storage.read_marker(p) for p in sorted(paths)) if m is not None]
     committed.sort(key=lambda c: c.index)
     next_index = max([int(state.get("next_index", 0))] + [c.index + 1 for c in committed])
+    while verify and committed:
+        check = verify_checkpoint(storage, committed[-1])
+        if check.ok:
+            break
+        logger.warning(
+            "not resuming from %s: its files do not match its manifest (%s); trying the previous checkpoint",
+            storage.url(committed[-1].path),
+            "; ".join(check.problems[:3]) + (f"; {len(check.problems) - 3} more" if len(check.problems) > 3 else ""),
+        )
+        committed.pop()
     return committed, next_index
 
 
@@ -75,6 +95,7 @@ class Trainer:
         self.backend_name = backend
         self.backend_options = dict(backend_options or {})
         self.callbacks = list(callbacks)
+        self._display: RunProgress | None = None
         self.name = self.run_config.name or datetime.datetime.now().strftime("run_%Y%m%d-%H%M%S-%f")
 
     def fit(self) -> Result:
@@ -83,6 +104,16 @@ class Trainer:
 
     async def fit_async(self) -> Result:
         """:meth:`fit` for a caller that already runs trio."""
+        display: RunProgress | None = None
+        own = [*self.callbacks, *self.run_config.callbacks]
+        if self.run_config.upload_config.show_progress and not any(isinstance(c, RunProgress) for c in own):
+            display = RunProgress(world_size=self.scaling_config.num_workers)
+        self._display = display
+        with display if display is not None else contextlib.nullcontext():
+            result = await self._fit_attempts()
+        return result
+
+    async def _fit_attempts(self) -> Result:
         failures: list[BaseException] = []
         max_failures = self.run_config.failure_config.max_failures
         while True:
@@ -105,6 +136,7 @@ class Trainer:
             raise error
 
     async def _attempt(self) -> tuple[Result, RunFailure | None]:
+        started = time.perf_counter()
         run = self.run_config
         storage = RunStorage(run.storage_path, self.name, run.storage_options)
         committed, first_index = await _threads.run_in_thread(load_committed, storage)
@@ -118,7 +150,8 @@ class Trainer:
             first_index=first_index,
             upload=run.upload_config,
             committed=committed,
-            callbacks=[*self.callbacks, *run.callbacks],
+            callbacks=[*self.callbacks, *run.callbacks, *([self._display] if self._display else [])],
+            checkpoint_config=run.checkpoint_config,
         )
         backend = make_backend(self.backend_name, self.backend_options)
         plan = RunPlan(
@@ -159,5 +192,12 @@ class Trainer:
             path=storage.url(),
             committed_indices=list(controller.committed_indices),
         )
-        result.stats = run_stats(reports)
+        result.stats = run_stats(
+            reports,
+            commits=len(controller.committed_indices),
+            checkpoints_kept=len(checkpoints),
+            checkpoints_deleted=len(controller.deleted),
+            elapsed_s=time.perf_counter() - started,
+        )
+        logger.info("run %s attempt finished:\n  %s", self.name, format_stats(result.stats))
         return result, controller.failure
