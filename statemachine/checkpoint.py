@@ -64,11 +64,18 @@ class Checkpoint:
         if self.is_local:
             shutil.copytree(self.path, target, dirs_exist_ok=True)
         else:
+            # fsspec's memory file system hands every reader the same file object, so two ranks
+            # copying one checkpoint at once would share a read position; cat_file does not.
+            shared_handles = "memory" in _protocols(self.filesystem)
             for source in self.filesystem.find(self.path):
                 relative = source[len(self.path) :].lstrip("/")
                 destination = os.path.join(target, relative)
                 os.makedirs(os.path.dirname(destination), exist_ok=True)
-                self.filesystem.get_file(source, destination)
+                if shared_handles:
+                    with open(destination, "wb") as handle:
+                        handle.write(self.filesystem.cat_file(source))
+                else:
+                    self.filesystem.get_file(source, destination)
         return target
 
     @contextlib.contextmanager
@@ -94,3 +101,8 @@ class Checkpoint:
 
     def __hash__(self) -> int:
         return hash(self.url)
+
+
+def _protocols(filesystem: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = filesystem.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
