@@ -309,9 +309,9 @@ class RunStorage:
                     self.fs.rm(final, recursive=True)
                 self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
                 self.fs.mv(staging, final, recursive=True)
-        except Exception:
-            # A failed or abandoned attempt clears its own staging folder so retries do not pile
-            # up files; a BaseException (a crash) leaves it, as a real crash would, for resume.
+        except BaseException:
+            # A failed or abandoned attempt clears its own staging folder so that retries do not
+            # pile up files (what a killed process leaves is removed on resume).
             with contextlib.suppress(Exception):
                 if self.fs.exists(staging):
                     self.fs.rm(staging, recursive=True)
@@ -439,14 +439,25 @@ class RunStorage:
             if self.read_marker(relative) is not None:
                 committed.add(relative)
             elif (match and int(match.group(1)) >= from_index) or (not match and self._holds_only_parts(relative)):
-                self.fs.rm(self.path(relative), recursive=True)
+                self._remove_tree(self.path(relative))
                 removed.append(relative)
         for relative in sorted(committed):
             staging = self.path(posixpath.join(relative, STAGING_NAME))
             if self.fs.exists(staging):
-                self.fs.rm(staging, recursive=True)
+                self._remove_tree(staging)
                 removed.append(posixpath.join(relative, STAGING_NAME))
         return removed
+
+    def _remove_tree(self, path: str) -> None:
+        """``rm -r`` that tolerates files vanishing meanwhile (an abandoned attempt clearing its staging)."""
+        for _ in range(3):
+            try:
+                self.fs.rm(path, recursive=True)
+                return
+            except FileNotFoundError:
+                if not self.fs.exists(path):
+                    return
+        self.fs.rm(path, recursive=True)
 
     def _holds_only_parts(self, relative: str) -> bool:
         names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path(relative), detail=False)]

@@ -13,10 +13,11 @@ own. That is only safe if the abandoned thread can do no harm, which two rules e
   :class:`_Attempt` guard before each file and each chunk, so an abandoned attempt stops at the
   next chunk and clears its staging folder.
 * Moving the staged part into place happens under :meth:`_Attempt.publish`, which refuses an
-  abandoned attempt and holds a lock shared by all attempts of the report. An attempt that was
-  abandoned while it was already moving finishes that move (it delivers a complete part of the
-  same files) before a newer attempt may start its own; it can never move a half-written or
-  older folder over a newer one.
+  abandoned attempt and holds a lock shared by every attempt that targets the same part folder
+  in this process (all retries of the report, and the reports of later run attempts that redo
+  its index after a restart). An attempt that was abandoned while it was already moving
+  finishes that move (a complete part) before a newer attempt may start its own, so the newest
+  attempt always moves last; nothing half-written or older lands over a newer part.
 
 Retries use tenacity (``AsyncRetrying`` with trio's sleep): exponential back-off with jitter,
 ``RetryPolicy.should_retry`` to tell transient errors from hopeless ones. A timed-out attempt
@@ -40,6 +41,7 @@ import logging
 import math
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
@@ -70,10 +72,31 @@ class AttemptAbandonedError(Exception):
     """Raised inside an abandoned attempt's thread to stop it; nobody waits for it any more."""
 
 
+class _PublishLock:
+    """The lock of one part folder (a class, so that it can live in a ``WeakValueDictionary``)."""
+
+    __slots__ = ("__weakref__", "lock")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+
+_publish_locks: weakref.WeakValueDictionary[str, _PublishLock] = weakref.WeakValueDictionary()
+_publish_locks_guard = threading.Lock()
+
+
+def _publish_lock(url: str) -> _PublishLock:
+    with _publish_locks_guard:
+        found = _publish_locks.get(url)
+        if found is None:
+            found = _publish_locks[url] = _PublishLock()
+        return found
+
+
 class _Attempt:
     """The guard of one attempt (``storage.AttemptGuard``): a cancel flag and the publish gate."""
 
-    def __init__(self, publish_lock: threading.Lock) -> None:
+    def __init__(self, publish_lock: _PublishLock) -> None:
         self._publish_lock = publish_lock
         self._lock = threading.Lock()
         self._abandoned = False
@@ -84,7 +107,7 @@ class _Attempt:
 
     @contextlib.contextmanager
     def publish(self) -> Iterator[None]:
-        with self._publish_lock:
+        with self._publish_lock.lock:
             with self._lock:
                 self.check()
             yield
@@ -138,7 +161,9 @@ async def upload_report(job: UploadJob, timings: dict[str, float]) -> PartManife
 
     else:
         raise ValueError(f"rank {job.rank}, report {job.index}: nothing to upload")
-    return await _with_retries(job.rank, job.index, job.policy, "upload", work, timings)
+    return await _with_retries(
+        job.rank, job.index, job.policy, "upload", work, timings, _publish_lock(job.storage.url(part_relpath))
+    )
 
 
 async def register_part(
@@ -149,7 +174,7 @@ async def register_part(
     def work(attempt: _Attempt, written: list[int]) -> PartManifest:
         return storage.scan_part(part_relpath, rank)
 
-    return await _with_retries(rank, index, policy, "registration", work, timings)
+    return await _with_retries(rank, index, policy, "registration", work, timings, _PublishLock())
 
 
 def _call_upload_fn(
@@ -175,6 +200,7 @@ async def _with_retries(
     what: str,
     work: Callable[[_Attempt, list[int]], PartManifest],
     timings: dict[str, float],
+    publish_lock: _PublishLock,
 ) -> PartManifest:
     def log_back_off(state: tenacity.RetryCallState) -> None:
         wait = state.next_action.sleep if state.next_action is not None else 0.0
@@ -190,8 +216,6 @@ async def _with_retries(
         before_sleep=log_back_off,
         reraise=True,
     )
-    # One lock for all attempts of this report: see "publish" in the module docstring.
-    publish_lock = threading.Lock()
     part: PartManifest | None = None
     number = 0
     try:
@@ -213,7 +237,7 @@ async def _one_attempt(
     what: str,
     number: int,
     work: Callable[[_Attempt, list[int]], PartManifest],
-    publish_lock: threading.Lock,
+    publish_lock: _PublishLock,
 ) -> PartManifest:
     guard = _Attempt(publish_lock)
     written = [0]
