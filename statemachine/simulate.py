@@ -38,6 +38,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -225,7 +226,13 @@ def _write_local(folder: str, data: bytes, state: bytes) -> None:
 
 
 class _CustomUpload:
-    """A user's upload function: writes the part itself through the (faulty) storage."""
+    """A user's upload function: writes the part itself through the (faulty) storage.
+
+    It runs in a thread that a timeout abandons but cannot stop, so, like any custom upload
+    function should, it writes each file under a temporary name outside the part folder (in
+    the checkpoint's ``.staging``, which the library clears), checks what the store kept, and
+    renames it into place: a late or failed call never leaves a short file in the part.
+    """
 
     def __init__(self, run_url: str, rank: int, storage_options: dict[str, Any]) -> None:
         self.run_url = run_url
@@ -234,16 +241,23 @@ class _CustomUpload:
 
     def __call__(self, checkpoint: sm.Checkpoint, checkpoint_dir_name: str) -> sm.Checkpoint:
         fs = FaultyFileSystem(**self.storage_options)
-        target = posixpath.join(fs._strip_protocol(self.run_url), checkpoint_dir_name, f"rank_{self.rank}")
+        folder = posixpath.join(fs._strip_protocol(self.run_url), checkpoint_dir_name)
+        target = posixpath.join(folder, f"rank_{self.rank}")
         fs.makedirs(target, exist_ok=True)
+        fs.makedirs(posixpath.join(folder, STAGING_NAME), exist_ok=True)
         for name in ("weights.bin", "state.json"):
             with open(os.path.join(checkpoint.path, name), "rb") as handle:
                 data = handle.read()
-            with fs.open(posixpath.join(target, name), "wb") as out:
-                out.write(data)
-            # A careful framework checks what the store kept, as the built-in upload does.
-            if fs.size(posixpath.join(target, name)) != len(data):
-                raise OSError(f"short write of {name}")
+            temporary = posixpath.join(folder, STAGING_NAME, f"custom-{self.rank}-{uuid.uuid4().hex}")
+            try:
+                with fs.open(temporary, "wb") as out:
+                    out.write(data)
+                if fs.size(temporary) != len(data):
+                    raise OSError(f"short write of {name}")
+                fs.mv(temporary, posixpath.join(target, name))
+            finally:
+                if fs.target.exists(temporary):
+                    fs.target.rm(temporary)
         return sm.Checkpoint(target, fs)
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import logging
 import os
 import posixpath
 import re
@@ -57,6 +58,7 @@ MARKER_NAME = "_COMMITTED.json"
 RUN_STATE_NAME = "run_state.json"
 STAGING_NAME = ".staging"
 CHUNK_SIZE = 8 * 1024 * 1024
+logger = logging.getLogger("statemachine")
 _CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 
 #: Called with the number of bytes written, after each chunk.
@@ -439,25 +441,33 @@ class RunStorage:
             if self.read_marker(relative) is not None:
                 committed.add(relative)
             elif (match and int(match.group(1)) >= from_index) or (not match and self._holds_only_parts(relative)):
-                self._remove_tree(self.path(relative))
-                removed.append(relative)
+                if self._remove_tree(self.path(relative)):
+                    removed.append(relative)
         for relative in sorted(committed):
             staging = self.path(posixpath.join(relative, STAGING_NAME))
-            if self.fs.exists(staging):
-                self._remove_tree(staging)
+            if self.fs.exists(staging) and self._remove_tree(staging):
                 removed.append(posixpath.join(relative, STAGING_NAME))
         return removed
 
-    def _remove_tree(self, path: str) -> None:
-        """``rm -r`` that tolerates files vanishing meanwhile (an abandoned attempt clearing its staging)."""
+    def _remove_tree(self, path: str) -> bool:
+        """``rm -r``, tolerating files that appear or vanish meanwhile; return whether it is gone.
+
+        A thread abandoned by an earlier attempt may still be writing or clearing its staging
+        folder here. What cannot be removed now is left: it has no marker, so no reader sees
+        it, and the next resume tries again.
+        """
         for _ in range(3):
             try:
                 self.fs.rm(path, recursive=True)
-                return
-            except FileNotFoundError:
-                if not self.fs.exists(path):
-                    return
-        self.fs.rm(path, recursive=True)
+                return True
+            except OSError:
+                try:
+                    if not self.fs.exists(path):
+                        return True
+                except OSError:
+                    pass
+        logger.warning("could not remove %s yet; it is not committed and is ignored", self.fs.unstrip_protocol(path))
+        return False
 
     def _holds_only_parts(self, relative: str) -> bool:
         names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path(relative), detail=False)]
