@@ -20,8 +20,9 @@ local file system without faults.
 Why decisions are keyed and not drawn from one random stream: uploads run in several threads,
 so the order of operations differs between two runs with the same seed. Each decision is drawn
 from a generator seeded by ``(seed, operation, path, n)``, where ``n`` counts earlier calls of
-that operation on that path, and random-looking tokens in paths (staging folders) are masked.
-The same seed therefore injects the same faults into the same operations, whatever the thread
+that operation on that path; the path is its last four components (so a run folder under
+another root draws the same faults) with random-looking tokens (staging folders) masked. The
+same seed therefore injects the same faults into the same operations, whatever the thread
 timing. Instances created with the same ``name`` share their counters, their hang release and
 their statistics, so a run that re-creates its file system (each attempt does) carries on with
 the same fault sequence instead of repeating it.
@@ -92,6 +93,8 @@ class FaultPlan:
     operations: tuple[str, ...] | None = None
     #: Only paths matching this regular expression can fail (None: every path).
     path_pattern: str | None = None
+    #: Stop injecting after this many faults (None: no limit); ``1`` makes "fail once".
+    max_faults: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("error_rate", "enospc_rate", "hang_rate", "partial_write_rate", "crash_rate"):
@@ -102,6 +105,8 @@ class FaultPlan:
             value = getattr(self, name)
             if not isinstance(value, int | float) or value < 0:
                 raise ValueError(f"FaultPlan.{name} must be a number >= 0, got {value!r}")
+        if self.max_faults is not None and (not isinstance(self.max_faults, int) or self.max_faults < 0):
+            raise ValueError(f"FaultPlan.max_faults must be None or an int >= 0, got {self.max_faults!r}")
         if self.crash_mode not in ("raise", "exit"):
             raise ValueError(f"FaultPlan.crash_mode must be 'raise' or 'exit', got {self.crash_mode!r}")
         if self.operations is not None:
@@ -140,6 +145,8 @@ class _SharedState:
         self.injected: Counter[str] = Counter()
         self.release = threading.Event()
         self.active = 0
+        #: Faults decided so far (for ``FaultPlan.max_faults``).
+        self.decided = 0
         self.idle = threading.Condition(self.lock)
 
 
@@ -218,13 +225,19 @@ class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
         plan = self.plan
         if not plan.applies_to(operation, str(path)):
             return _Fault()
-        key = _TOKEN_RE.sub("*", str(path))
+        # The tail of the path: the same layout under another root draws the same faults.
+        key = _TOKEN_RE.sub("*", "/".join(str(path).rstrip("/").split("/")[-4:]))
         with self._state.lock:
             n = self._state.calls[(operation, key)]
             self._state.calls[(operation, key)] = n + 1
         rng = random.Random(f"{plan.seed}|{operation}|{key}|{n}")
         fault = _Fault(latency_s=rng.uniform(0, plan.latency_s) if plan.latency_s else 0.0)
         draws = [rng.random() for _ in range(5)]
+        with self._state.lock:
+            if plan.max_faults is not None and self._state.decided >= plan.max_faults:
+                return fault
+            if any(d < r for d, r in zip(draws, self._rates(operation), strict=True)):
+                self._state.decided += 1
         if draws[0] < plan.crash_rate:
             fault.crash = True
         elif draws[1] < plan.hang_rate:
@@ -236,6 +249,11 @@ class FaultyFileSystem(AbstractFileSystem):  # type: ignore[misc]
         elif operation == "write" and draws[4] < plan.partial_write_rate:
             fault.partial = True
         return fault
+
+    def _rates(self, operation: str) -> tuple[float, ...]:
+        plan = self.plan
+        partial = plan.partial_write_rate if operation == "write" else 0.0
+        return (plan.crash_rate, plan.hang_rate, plan.error_rate, plan.enospc_rate, partial)
 
     def _count(self, kind: str) -> None:
         with self._state.lock:

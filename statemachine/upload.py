@@ -54,7 +54,15 @@ from .checkpoint import Checkpoint
 from .config import RetryPolicy
 from .storage import PartManifest, RunStorage
 
-__all__ = ["AttemptAbandonedError", "AttemptTimeoutError", "UploadFn", "UploadJob", "register_part", "upload_report"]
+__all__ = [
+    "AttemptAbandonedError",
+    "AttemptTimeoutError",
+    "UploadFn",
+    "UploadJob",
+    "register_part",
+    "upload_report",
+    "wait_for_attempt_threads",
+]
 
 logger = logging.getLogger("statemachine")
 
@@ -270,12 +278,47 @@ async def _one_attempt(
     return part
 
 
+_attempt_threads = 0
+_attempt_threads_changed = threading.Condition()
+
+
+def wait_for_attempt_threads(timeout_s: float) -> bool:
+    """Wait until no upload attempt runs in a thread of this process, abandoned ones included.
+
+    For tests and tools that inspect storage after a run: an abandoned attempt may still be
+    stopping (and clearing its staging folder) after the run ended. Returns False on timeout.
+    """
+    deadline = time.monotonic() + timeout_s
+    with _attempt_threads_changed:
+        while _attempt_threads:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            _attempt_threads_changed.wait(remaining)
+    return True
+
+
+def _counted(fn: Callable[[], T]) -> Callable[[], T]:
+    def run() -> T:
+        global _attempt_threads
+        with _attempt_threads_changed:
+            _attempt_threads += 1
+        try:
+            return fn()
+        finally:
+            with _attempt_threads_changed:
+                _attempt_threads -= 1
+                _attempt_threads_changed.notify_all()
+
+    return run
+
+
 async def _bounded(fn: Callable[[], T], guard: _Attempt, timeout_s: float | None) -> T:
     """Run ``fn`` in a thread; stop waiting after ``timeout_s`` or on cancellation, abandoning it."""
     finished = False
     try:
         with trio.move_on_after(math.inf if timeout_s is None else timeout_s):
-            result = await _threads.run_in_thread(fn, abandon_on_cancel=True)
+            result = await _threads.run_in_thread(_counted(fn), abandon_on_cancel=True)
             finished = True
             return result
         raise AttemptTimeoutError(f"the attempt did not finish within {timeout_s} s")
