@@ -53,6 +53,7 @@ import statemachine as sm
 
 from .faults import CrashInjector, FaultPlan, FaultyFileSystem, plan_options
 from .storage import MARKER_NAME, STAGING_NAME, CommittedCheckpoint
+from .upload import wait_for_attempt_threads
 
 __all__ = ["RunOutcome", "SimulationConfig", "add_parser", "run", "simulate"]
 
@@ -311,6 +312,7 @@ def _check_record(outcome: RunOutcome, recorder: _Recorder, results: list[sm.Res
                 outcome.lost_reports.append(f"rank {report.rank} report {report.index} ended {report.state.name}")
         outcome.reports += len(result.reports)
         outcome.retries += int(result.stats.get("retries", 0))
+        outcome.committed += len(result.committed_indices)
     for rank, step in sorted(recorder.returned - terminal):
         outcome.lost_reports.append(f"rank {rank} report {step} returned from report() but is not in the result")
     for rank, indices in sorted(recorder.handed_off.items()):
@@ -399,7 +401,7 @@ async def _run_one(config: SimulationConfig, mode: str, seed: int, root: str) ->
     fs = FaultyFileSystem(**options)
     fs.release_hangs()
     # Threads of timed-out attempts run out on their own once released; check what they leave.
-    await trio.to_thread.run_sync(fs.wait_idle, config.hang_s + 10.0)
+    await trio.to_thread.run_sync(wait_for_attempt_threads, config.hang_s + 10.0)
     outcome.injected = fs.injected
     _check_record(outcome, recorder, results)
     _check_storage(outcome, config, run_root)
@@ -441,6 +443,7 @@ def summarise(outcomes: Sequence[RunOutcome]) -> list[dict[str, Any]]:
                 "lost reports": sum(len(o.lost_reports) for o in group),
                 "order errors": sum(len(o.order_violations) for o in group),
                 "reports": sum(o.reports for o in group),
+                "committed": sum(o.committed for o in group),
                 "retries": sum(o.retries for o in group),
                 "failures": sum(o.restarts for o in group),
                 "faults": sum(injected.values()),
@@ -502,7 +505,7 @@ def run(args: argparse.Namespace) -> int:
         storage=args.storage,
     )
     outcomes = simulate(config)
-    console = Console(width=max(Console().width, 132))
+    console = Console(width=max(Console().width, 180))
     rows = summarise(outcomes)
     last = config.seed + config.seeds - 1
     table = Table(
@@ -510,7 +513,7 @@ def run(args: argparse.Namespace) -> int:
         f"backend {config.backend}, on_failure={config.on_failure}"
     )
     for column in rows[0]:
-        table.add_column(column, justify="left" if column == "mode" else "right")
+        table.add_column(column, justify="left" if column == "mode" else "right", no_wrap=True)
     for row in rows:
         table.add_row(*(str(v) for v in row.values()))
     console.print(table)

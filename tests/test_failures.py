@@ -590,6 +590,7 @@ def test_restart_resumes_after_the_latest_committed_checkpoint_with_failure_hist
 def test_failure_lets_uploads_in_flight_on_healthy_ranks_finish_and_commit(file_url: str, tmp_path: Any) -> None:
     source = _local_checkpoint(tmp_path)
     failed = threading.Event()
+    rank_0_reported = threading.Event()
     storage_root = file_url[len("file://") :]
 
     def fail_now(checkpoint: sm.Checkpoint, dir_name: str) -> sm.Checkpoint:
@@ -614,7 +615,10 @@ def test_failure_lets_uploads_in_flight_on_healthy_ranks_finish_and_commit(file_
             checkpoint_upload_mode=ASYNC,
             checkpoint_upload_fn=upload_after_failure,
         )
-        if rank == 1:
+        if rank == 0:
+            rank_0_reported.set()
+        else:
+            assert rank_0_reported.wait(30.0)
             sm.report(
                 {"step": 1},
                 checkpoint=sm.Checkpoint.from_directory(source),
