@@ -708,3 +708,17 @@ def test_resume_removes_uncommitted_folders_and_stale_staging_but_keeps_committe
     assert not os.path.exists(os.path.join(root, "checkpoint_000001", STAGING_NAME))
     assert os.path.exists(os.path.join(root, "notes", "readme.txt"))
     assert assert_committed_intact(file_url[len("file://") :]) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("exception", [KeyboardInterrupt, SystemExit, CustomCrash])
+def test_base_exception_in_an_async_training_function_ends_the_run_clearly(
+    exception: type[BaseException], file_url: str
+) -> None:
+    async def train() -> None:
+        await sm.areport({"step": 0})
+        raise exception("async boom")
+
+    error = fit_failing(train, sm.RunConfig(storage_path=file_url, name="run"), ranks=1)
+    assert isinstance(error.__cause__, exception)
+    assert "rank 0 failed in its training function after report 0" in str(error)
+    assert error.result is not None and error.result.committed_indices == [0]
