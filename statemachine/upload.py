@@ -20,7 +20,9 @@ own. That is only safe if the abandoned thread can do no harm, which two rules e
   attempt always moves last; nothing half-written or older lands over a newer part.
 
 Retries use tenacity (``AsyncRetrying`` with trio's sleep): exponential back-off with jitter,
-``RetryPolicy.should_retry`` to tell transient errors from hopeless ones. A timed-out attempt
+``RetryPolicy.should_retry`` to tell transient errors from hopeless ones. (stamina wraps the
+same engine, but its process-wide switches, ``set_testing`` and ``set_active``, would silently
+change how a run retries; the policy here is the run's own.) A timed-out attempt
 raises :class:`AttemptTimeoutError`, a ``TimeoutError``, which the default policy retries.
 Anything that is not an ``Exception`` (``KeyboardInterrupt``, ``SystemExit``, an injected
 crash, trio's ``Cancelled``) is never retried and propagates to the rank, which marks the
@@ -30,8 +32,10 @@ Custom upload functions (``report(..., checkpoint_upload_fn=fn)``) take the plac
 built-in copy inside the same attempt loop, so they get the same upload slots, ordering,
 retries and timeouts. ``fn(checkpoint, checkpoint_dir_name)`` must return a
 :class:`~statemachine.Checkpoint` inside the run folder; its files are then registered in place,
-exactly like a NO_UPLOAD checkpoint. Registering a NO_UPLOAD checkpoint is also retried and
-timed out here, since it reads from the same storage.
+exactly like a NO_UPLOAD checkpoint. A timed-out call is abandoned, not stopped, so a custom
+function should be safe to run twice at once: wait on a save that writes each file once, or
+write under temporary names and rename into place. Registering a NO_UPLOAD checkpoint is also
+retried and timed out here, since it reads from the same storage.
 """
 
 from __future__ import annotations
