@@ -6,6 +6,7 @@ checkpoint is uploaded synchronously, asynchronously or not at all
 committed atomically once every rank's *i*-th report is in. See README.md and DESIGN.md.
 """
 
+from . import faults as faults  # registers the "faulty://" fault-injection file system with fsspec
 from .checkpoint import Checkpoint
 from .config import (
     CheckpointConfig,

@@ -6,12 +6,12 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from . import demo, inspect_cmd
+from . import demo, inspect_cmd, simulate
 
 __all__ = ["main"]
 
 #: Each command module has ``add_parser(subparsers)`` (which sets ``func``) and its own ``run``.
-COMMANDS = (demo, inspect_cmd)
+COMMANDS = (demo, simulate, inspect_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

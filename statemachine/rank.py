@@ -52,12 +52,11 @@ from .storage import (
     snapshot_directory,
     validate_dir_name,
 )
+from .upload import UploadFn, UploadJob, register_part, upload_report
 
 __all__ = ["HandOffMessage", "RankRuntime", "RankSink", "ReportRequest"]
 
 logger = logging.getLogger("statemachine")
-
-UploadFn = Callable[[Checkpoint, str], Checkpoint]
 
 
 @dataclass(slots=True)
@@ -99,6 +98,8 @@ class ReportRequest:
     linked: LinkStats | None = None
     dir_name: str | None = None
     upload_fn: UploadFn | None = None
+    #: What a custom upload function is given (the ASYNC snapshot when the checkpoint is local).
+    checkpoint: Checkpoint | None = None
     has_checkpoint: bool = False
 
 
@@ -244,12 +245,16 @@ class RankRuntime:
         clean_dir = validate_dir_name(dir_name) if dir_name is not None else None
         request = ReportRequest(clean_metrics, mode, dir_name=clean_dir)
         if checkpoint is None:
+            if upload_fn is not None:
+                raise ValueError("checkpoint_upload_fn was given without a checkpoint to upload")
             return request
         if not isinstance(checkpoint, Checkpoint):
             raise TypeError(f"checkpoint must be a statemachine.Checkpoint or None, got {type(checkpoint).__name__}")
         request.has_checkpoint = True
         request.upload_fn = cast(UploadFn | None, upload_fn)
         if mode is CheckpointUploadMode.NO_UPLOAD:
+            if upload_fn is not None:
+                raise ValueError("checkpoint_upload_fn cannot be used with NO_UPLOAD: nothing is uploaded")
             if delete_local:
                 raise ValueError("delete_local_checkpoint_after_upload=True makes no sense with NO_UPLOAD")
             relative = self.storage.relative_to_run(checkpoint.url)
@@ -261,18 +266,28 @@ class RankRuntime:
                 )
             request.registered_part = relative
             return request
+        if upload_fn is not None and self.storage.relative_to_run(checkpoint.url) is not None:
+            # Already where it belongs (for example a framework's own save is writing it there):
+            # the function is handed the checkpoint as it is; nothing to snapshot or delete.
+            request.checkpoint = checkpoint
+            request.upload_source = request.original_dir = checkpoint.path
+            return request
         if not checkpoint.is_local and upload_fn is None:
             raise ValueError(f"{mode.name} uploads a local directory, but checkpoint {checkpoint.url} is not local")
         if checkpoint.is_local and not os.path.isdir(checkpoint.path):
             raise ValueError(f"checkpoint directory does not exist: {checkpoint.path}")
         request.original_dir = checkpoint.path
         request.delete_local = mode.default_delete_local if delete_local is None else delete_local
+        # A remote checkpoint (given to a custom upload function) is no local folder to delete.
+        request.delete_local = request.delete_local and checkpoint.is_local
         if mode is CheckpointUploadMode.ASYNC and checkpoint.is_local:
             request.upload_source, request.linked = snapshot_directory(
                 checkpoint.path, self._snapshot_root, self.upload.snapshot
             )
         else:
             request.upload_source = checkpoint.path
+        if upload_fn is not None:
+            request.checkpoint = Checkpoint.from_directory(request.upload_source) if checkpoint.is_local else checkpoint
         return request
 
     def report_sync(self, request: ReportRequest) -> _Record:
@@ -333,8 +348,13 @@ class RankRuntime:
         try:
             if request.upload_source is None:
                 if request.registered_part is not None:
-                    record.part = await _threads.run_in_thread(
-                        self.storage.scan_part, request.registered_part, self.rank
+                    record.part = await register_part(
+                        self.storage,
+                        self.rank,
+                        record.index,
+                        request.registered_part,
+                        self.upload.retry,
+                        record.timings,
                     )
                 self._apply(record, Event.NOTHING_TO_UPLOAD)
                 return
@@ -372,13 +392,21 @@ class RankRuntime:
 
     async def _upload(self, record: _Record, request: ReportRequest) -> PartManifest:
         assert request.upload_source is not None and record.checkpoint_dir is not None
-        part_relpath = self.storage.part_relpath(record.checkpoint_dir, self.rank)
         # A sink may follow the bytes of each upload as they are written (called in the upload thread).
         listener = getattr(self.sink, "upload_progress", None)
-        progress = functools.partial(listener, self.rank, record.index) if listener is not None else None
-        return await _threads.run_in_thread(
-            self.storage.upload_part, request.upload_source, part_relpath, self.rank, progress, request.linked
+        job = UploadJob(
+            storage=self.storage,
+            rank=self.rank,
+            index=record.index,
+            policy=self.upload.retry,
+            checkpoint_dir=record.checkpoint_dir,
+            source=request.upload_source,
+            checkpoint=request.checkpoint,
+            upload_fn=request.upload_fn,
+            progress=functools.partial(listener, self.rank, record.index) if listener is not None else None,
+            linked=request.linked,
         )
+        return await upload_report(job, record.timings)
 
     def _clean_up_after_upload(self, request: ReportRequest) -> None:
         """Drop the snapshot, and the caller's folder when asked; only after a good upload."""

@@ -24,7 +24,10 @@ Everything here is blocking I/O: the runtime calls it through ``trio.to_thread``
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import logging
 import os
 import posixpath
 import re
@@ -35,7 +38,7 @@ import uuid
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -56,10 +59,25 @@ MARKER_NAME = "_COMMITTED.json"
 RUN_STATE_NAME = "run_state.json"
 STAGING_NAME = ".staging"
 CHUNK_SIZE = 8 * 1024 * 1024
+logger = logging.getLogger("statemachine")
 _CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 
 #: Called with the number of bytes written, after each chunk.
 ProgressCallback = Callable[[int], None]
+
+
+class AttemptGuard(Protocol):
+    """One upload attempt as the caller sees it (implemented by ``statemachine.upload``)."""
+
+    def check(self) -> None:
+        """Raise if the caller abandoned this attempt (it timed out or the run is ending)."""
+
+    def publish(self) -> contextlib.AbstractContextManager[None]:
+        """Hold while moving the staged part into place; raise on entry if abandoned."""
+
+
+def _never_abandoned() -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,52 +283,83 @@ class RunStorage:
         rank: int,
         progress: ProgressCallback | None = None,
         linked: LinkStats | None = None,
+        attempt: AttemptGuard | None = None,
     ) -> PartManifest:
         """Copy ``local_dir`` to ``part_relpath`` through a staging folder; return its manifest.
 
         ``linked`` holds the snapshot-time stats of hard-linked files (see
         :func:`snapshot_directory`); a file whose stats changed was rewritten in place by the
         caller and the upload fails rather than publish a mix of two checkpoints.
+
+        ``attempt`` (see :class:`AttemptGuard`) lets the caller abandon this call: it is checked
+        before every file and chunk, and the move into place happens only under its
+        :meth:`~AttemptGuard.publish`, so an abandoned attempt never replaces a newer part.
         """
         checkpoint_relpath = posixpath.dirname(part_relpath)
         staging = self.path(posixpath.join(checkpoint_relpath, STAGING_NAME, f"rank_{rank}-{uuid.uuid4().hex[:12]}"))
+        check = attempt.check if attempt is not None else _never_abandoned
         entries: list[FileEntry] = []
         buffer = bytearray(CHUNK_SIZE)
         view = memoryview(buffer)
-        self.fs.makedirs(staging, exist_ok=True)
-        for relative in local_files(local_dir):
-            destination = posixpath.join(staging, relative)
-            parent = posixpath.dirname(destination)
-            if parent != staging:
-                self.fs.makedirs(parent, exist_ok=True)
-            crc = 0
-            size = 0
-            with open(os.path.join(local_dir, relative), "rb") as src, self.fs.open(destination, "wb") as dst:
-                while True:
-                    n = src.readinto(buffer)
-                    if not n:
-                        break
-                    chunk = view[:n]
-                    crc = zlib.crc32(chunk, crc)
-                    dst.write(chunk)
-                    size += n
-                    if progress is not None:
-                        progress(n)
-                if linked and relative in linked:
-                    info = os.fstat(src.fileno())
-                    if (info.st_size, info.st_mtime_ns) != linked[relative]:
-                        raise CheckpointModifiedError(
-                            f"{relative} was rewritten in place while its ASYNC upload was running; "
-                            "write each checkpoint to a new directory or file, or use "
-                            "UploadConfig(snapshot='copy')"
-                        )
-            entries.append(FileEntry(relative, size, _crc_hex(crc)))
-        final = self.path(part_relpath)
-        if self.fs.exists(final):
-            self.fs.rm(final, recursive=True)
-        self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        self.fs.mv(staging, final, recursive=True)
+        try:
+            check()
+            self.fs.makedirs(staging, exist_ok=True)
+            for relative in local_files(local_dir):
+                check()
+                destination = posixpath.join(staging, relative)
+                parent = posixpath.dirname(destination)
+                if parent != staging:
+                    self.fs.makedirs(parent, exist_ok=True)
+                crc = 0
+                size = 0
+                with open(os.path.join(local_dir, relative), "rb") as src, self.fs.open(destination, "wb") as dst:
+                    while True:
+                        n = src.readinto(buffer)
+                        if not n:
+                            break
+                        check()
+                        chunk = view[:n]
+                        crc = zlib.crc32(chunk, crc)
+                        dst.write(chunk)
+                        size += n
+                        if progress is not None:
+                            progress(n)
+                    if linked and relative in linked:
+                        info = os.fstat(src.fileno())
+                        if (info.st_size, info.st_mtime_ns) != linked[relative]:
+                            raise CheckpointModifiedError(
+                                f"{relative} was rewritten in place while its ASYNC upload was running; "
+                                "write each checkpoint to a new directory or file, or use "
+                                "UploadConfig(snapshot='copy')"
+                            )
+                entries.append(FileEntry(relative, size, _crc_hex(crc)))
+            self._verify_sizes(staging, entries)
+            final = self.path(part_relpath)
+            with attempt.publish() if attempt is not None else contextlib.nullcontext():
+                if self.fs.exists(final):
+                    self.fs.rm(final, recursive=True)
+                self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
+                self.fs.mv(staging, final, recursive=True)
+        except BaseException:
+            # A failed or abandoned attempt clears its own staging folder so that retries do not
+            # pile up files (what a killed process leaves is removed on resume).
+            with contextlib.suppress(Exception):
+                if self.fs.exists(staging):
+                    self.fs.rm(staging, recursive=True)
+            raise
         return PartManifest(rank, part_relpath, tuple(entries))
+
+    def _verify_sizes(self, staging: str, entries: Iterable[FileEntry]) -> None:
+        """Raise ``OSError`` if storage holds fewer bytes than were written (a short write)."""
+        listed = {path.rstrip("/"): info.get("size") for path, info in self.fs.find(staging, detail=True).items()}
+        for entry in entries:
+            path = posixpath.join(staging, entry.path)
+            size = listed.get(path)
+            if size is None:
+                size = self.fs.size(path)
+            if size != entry.size:
+                message = f"short write: storage holds {size} of {entry.size} bytes"
+                raise OSError(errno.EIO, message, self.fs.unstrip_protocol(path))
 
     def scan_part(self, part_relpath: str, rank: int) -> PartManifest:
         """Build the manifest of files already in storage (NO_UPLOAD), reading them once."""
@@ -400,13 +449,58 @@ class RunStorage:
         return sorted(found)
 
     def remove_uncommitted(self, from_index: int) -> list[str]:
-        """Delete ``checkpoint_NNNNNN`` folders at or after ``from_index`` that have no marker."""
+        """Delete what an attempt that crashed or failed left behind; return what was removed.
+
+        That is: ``checkpoint_NNNNNN`` folders at or after ``from_index`` without a marker;
+        top-level folders without a marker that hold nothing but rank parts (``rank_<n>``) and
+        ``.staging`` (an uncommitted custom ``checkpoint_dir_name``); and ``.staging`` folders
+        inside committed checkpoints (an attempt abandoned after a later one delivered).
+        """
         removed = []
-        for index, relative in self.checkpoint_folders():
-            if index >= from_index and self.read_marker(relative) is None:
-                self.fs.rm(self.path(relative), recursive=True)
-                removed.append(relative)
+        try:
+            listing = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return []
+        committed = {str(entry["path"]) for entry in (self.read_run_state() or {}).get("checkpoints", ())}
+        for entry in listing:
+            if entry.get("type") != "directory":
+                continue
+            relative = posixpath.basename(str(entry["name"]).rstrip("/"))
+            match = _CHECKPOINT_RE.match(relative)
+            if self.read_marker(relative) is not None:
+                committed.add(relative)
+            elif (match and int(match.group(1)) >= from_index) or (not match and self._holds_only_parts(relative)):
+                if self._remove_tree(self.path(relative)):
+                    removed.append(relative)
+        for relative in sorted(committed):
+            staging = self.path(posixpath.join(relative, STAGING_NAME))
+            if self.fs.exists(staging) and self._remove_tree(staging):
+                removed.append(posixpath.join(relative, STAGING_NAME))
         return removed
+
+    def _remove_tree(self, path: str) -> bool:
+        """``rm -r``, tolerating files that appear or vanish meanwhile; return whether it is gone.
+
+        A thread abandoned by an earlier attempt may still be writing or clearing its staging
+        folder here. What cannot be removed now is left: it has no marker, so no reader sees
+        it, and the next resume tries again.
+        """
+        for _ in range(3):
+            try:
+                self.fs.rm(path, recursive=True)
+                return True
+            except OSError:
+                try:
+                    if not self.fs.exists(path):
+                        return True
+                except OSError:
+                    pass
+        logger.warning("could not remove %s yet; it is not committed and is ignored", self.fs.unstrip_protocol(path))
+        return False
+
+    def _holds_only_parts(self, relative: str) -> bool:
+        names = [posixpath.basename(p.rstrip("/")) for p in self.fs.ls(self.path(relative), detail=False)]
+        return bool(names) and all(n == STAGING_NAME or re.fullmatch(r"rank_\d+", n) for n in names)
 
     def delete_checkpoint(self, relative: str) -> None:
         """Delete a committed checkpoint: the marker first, so it is never seen half-deleted."""

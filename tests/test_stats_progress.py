@@ -90,7 +90,7 @@ def test_result_stats_count_reports_bytes_uploads_and_blocked_time(
     assert stats["elapsed_s"] > 0
     summaries = [r.getMessage() for r in caplog.records if "attempt finished" in r.getMessage()]
     assert len(summaries) == 1 and "blocked in report(): ASYNC p50" in summaries[0]
-    uploads = [r.getMessage() for r in caplog.records if " bytes in " in r.getMessage()]
+    uploads = [r.getMessage() for r in caplog.records if "MiB/s)" in r.getMessage()]
     assert len(uploads) == 8 and all(f"uploaded {per_upload} bytes" in line for line in uploads)
 
 
