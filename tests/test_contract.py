@@ -68,9 +68,7 @@ def fit(trainer: sm.Trainer) -> sm.Result:
     return trio.run(bounded)
 
 
-def make_trainer(
-    train_fn: Any, config: dict[str, Any], backend: str, storage: str, **run_options: Any
-) -> sm.Trainer:
+def make_trainer(train_fn: Any, config: dict[str, Any], backend: str, storage: str, **run_options: Any) -> sm.Trainer:
     return sm.Trainer(
         train_fn,
         train_loop_config=config,
@@ -219,9 +217,7 @@ def resumable_fn(config: dict[str, Any]) -> None:
 # -- the contract, on both backends --------------------------------------------------------
 
 
-def test_reports_reach_the_controller_in_order_and_commit_in_order_for_mixed_modes(
-    backend: str, file_url: str
-) -> None:
+def test_reports_reach_the_controller_in_order_and_commit_in_order_for_mixed_modes(backend: str, file_url: str) -> None:
     recorder = Recorder()
     config = {"steps": 7, "metrics_only_step": 4}
     result = fit(make_trainer(mixed_modes_fn, config, backend, file_url, callbacks=(recorder,)))
@@ -319,3 +315,121 @@ def test_failed_attempt_restarts_from_the_latest_commit_and_a_new_fit_resumes(
     assert second.metrics == {"step": 5, "resumed_from": 3}
     assert second.checkpoint is not None
     assert read_files(second.checkpoint) == {"rank_0/step.txt": b"5", "rank_1/step.txt": b"5"}
+
+
+# -- what only the Ray backend can get wrong ---------------------------------------------------
+
+
+def dying_rank_fn(config: dict[str, Any]) -> None:
+    rank = sm.get_context().world_rank
+    flag = os.path.join(config["flags"], "died-once")
+    for step in range(3):
+        sm.report({"step": step})
+        if rank == 1 and step == 0 and not os.path.exists(flag):
+            open(flag, "w").close()
+            os._exit(1)  # the whole actor process goes, as on a lost node
+
+
+class UnpicklableError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def unpicklable_error_fn(config: dict[str, Any]) -> None:
+    sm.report({"step": 0})
+    if sm.get_context().world_rank == 0:
+        raise UnpicklableError("holds a lock")
+    sm.report({"step": 1})
+
+
+@pytest.mark.ray
+def test_ray_actor_that_dies_fails_the_attempt_naming_the_rank_and_the_run_restarts(
+    ray_cluster: str, file_url: str, tmp_path: Any
+) -> None:
+    from ray.exceptions import RayActorError
+
+    trainer = make_trainer(
+        dying_rank_fn, {"flags": str(tmp_path)}, "ray", file_url, failure_config=sm.FailureConfig(max_failures=1)
+    )
+    result = fit(trainer)
+
+    assert len(result.failures) == 1
+    assert "rank 1 died" in str(result.failures[0]) and "Ray actor was lost" in str(result.failures[0])
+    assert isinstance(result.failures[0].__cause__, RayActorError)
+    assert result.metrics == {"step": 2}
+
+
+@pytest.mark.ray
+def test_ray_actor_that_dies_without_restarts_left_fails_fit(ray_cluster: str, file_url: str, tmp_path: Any) -> None:
+    with pytest.raises(sm.TrainingFailedError, match="rank 1 died .*Ray actor was lost"):
+        fit(make_trainer(dying_rank_fn, {"flags": str(tmp_path)}, "ray", file_url))
+
+
+@pytest.mark.ray
+def test_ray_ranks_the_cluster_cannot_place_fail_within_the_placement_timeout(ray_cluster: str, file_url: str) -> None:
+    trainer = sm.Trainer(
+        uneven_counts_fn,
+        scaling_config=sm.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 64}),
+        run_config=sm.RunConfig(storage_path=file_url, name="run"),
+        backend="ray",
+        backend_options={"placement_timeout_s": 1.0},
+    )
+    with pytest.raises(sm.TrainingFailedError) as caught:
+        fit(trainer)
+
+    message = str(caught.value)
+    assert "could not place 2 ranks with {'CPU': 64.0} each within 1 s" in message
+    assert "'CPU': 4.0" in message  # what the cluster has
+    assert caught.value.result is not None and caught.value.result.reports == []
+
+
+@pytest.mark.ray
+def test_ray_error_that_cannot_be_pickled_reaches_the_driver_with_its_type_and_traceback(
+    ray_cluster: str, file_url: str
+) -> None:
+    from statemachine.backends.ray import RemoteRankError
+
+    with pytest.raises(sm.TrainingFailedError) as caught:
+        fit(make_trainer(unpicklable_error_fn, {}, "ray", file_url))
+
+    assert "rank 0 failed in its training function after report 0" in str(caught.value)
+    cause = caught.value.__cause__
+    assert isinstance(cause, RemoteRankError)
+    assert cause.type_name == "UnpicklableError" and "holds a lock" in str(cause)
+    assert "unpicklable_error_fn" in cause.remote_traceback
+
+
+def test_ray_backend_refuses_per_process_memory_storage_at_the_call() -> None:
+    with pytest.raises(ValueError, match=r"backend='ray' cannot use storage_path='memory://runs'"):
+        sm.Trainer(uneven_counts_fn, run_config=sm.RunConfig(storage_path="memory://runs"), backend="ray")
+
+
+@pytest.mark.ray
+def test_ray_driver_joins_an_existing_cluster_by_address(ray_cluster: str, file_url: str) -> None:
+    script = textwrap.dedent(
+        f"""
+        import ray, statemachine as sm
+
+        def train_fn():
+            for step in range(3):
+                sm.report({{"step": step, "rank": sm.get_context().world_rank}})
+
+        result = sm.Trainer(
+            train_fn,
+            scaling_config=sm.ScalingConfig(num_workers=2),
+            run_config=sm.RunConfig(storage_path={file_url!r}, name="joined"),
+            backend="ray",
+            backend_options={{"address": {ray_cluster!r}}},
+        ).fit()
+        print("ADDRESS", ray.get_runtime_context().gcs_address)
+        print("COMMITTED", result.committed_indices, result.metrics)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=RAY_DEADLINE_S, check=False
+    )
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"ADDRESS {ray_cluster}" in done.stdout
+    assert "COMMITTED [0, 1, 2] {'step': 2, 'rank': 0}" in done.stdout

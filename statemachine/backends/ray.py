@@ -392,9 +392,15 @@ class RayBackend:
                 continue
             except RayActorError as error:
                 last = self._last_index.get(rank)
-                where = f"after report {last}" if last is not None else "before its first report"
+                # Reports queued in the actor but not yet polled die with it, hence "received".
+                where = (
+                    f"after the controller received its report {last}"
+                    if last is not None
+                    else "before the controller received any report of it"
+                )
+                summary = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 controller.fail(
-                    RunFailure(f"rank {rank} died {where} (its Ray actor was lost): {error}", error, rank, last)
+                    RunFailure(f"rank {rank} died {where} (its Ray actor was lost: {summary})", error, rank, last)
                 )
                 return
             for event in events:
