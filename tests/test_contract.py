@@ -362,7 +362,7 @@ def test_ray_actor_that_dies_fails_the_attempt_naming_the_rank_and_the_run_resta
 
 @pytest.mark.ray
 def test_ray_actor_that_dies_without_restarts_left_fails_fit(ray_cluster: str, file_url: str, tmp_path: Any) -> None:
-    with pytest.raises(sm.TrainingFailedError, match="rank 1 died .*Ray actor was lost"):
+    with pytest.raises(sm.TrainingFailedError, match=r"rank 1 died .*Ray actor was lost"):
         fit(make_trainer(dying_rank_fn, {"flags": str(tmp_path)}, "ray", file_url))
 
 
