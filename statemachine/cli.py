@@ -6,12 +6,12 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from . import demo
+from . import bench_ray, demo
 
 __all__ = ["main"]
 
 #: Each command module has ``add_parser(subparsers)`` (which sets ``func``) and its own ``run``.
-COMMANDS = (demo,)
+COMMANDS = (demo, bench_ray)
 
 
 def build_parser() -> argparse.ArgumentParser:
