@@ -73,16 +73,18 @@ class BenchRow:
     blocked_median_ms: float
     blocked_p99_ms: float
     fit_s: float
+    #: Why the job failed (its figures are then NaN), or None.
+    error: str | None = None
 
 
 # -- the training function (the same for every system) ----------------------------------------
 
 
-def _write_payload(folder: str, size: int, seed: int) -> None:
+def _write_payload(folder: str, size: int, seed: int, file_name: str = "weights.bin") -> None:
     """A ``size``-byte file in ``folder``, written in 1 MiB chunks (not the step's compute)."""
     os.makedirs(folder, exist_ok=True)
     block = (seed.to_bytes(8, "little") * (_MIB // 8))[:_MIB]
-    with open(os.path.join(folder, "weights.bin"), "wb") as handle:
+    with open(os.path.join(folder, file_name), "wb") as handle:
         left = size
         while left > 0:
             handle.write(block[: min(left, _MIB)])
@@ -114,8 +116,9 @@ def bench_train_fn(config: dict[str, Any]) -> None:
         local: str | None = None
         if mode == "NO_UPLOAD":
             if system == "raytrain":
-                target = os.path.join(storage.experiment_fs_path, f"bench_{step:06d}", f"rank_{rank}")
-                _write_payload(target, size, step)
+                # Ray Train wants every rank's NO_UPLOAD checkpoint to be the same folder.
+                target = os.path.join(storage.experiment_fs_path, f"bench_{step:06d}")
+                _write_payload(target, size, step, f"weights-rank{rank}.bin")
                 checkpoint = checkpoint_cls(target, filesystem=storage.storage_filesystem)
             else:
                 url = sm.get_context().next_checkpoint_path()
@@ -178,14 +181,19 @@ def run_job(system: str, mode: str, size_mib: int, args: argparse.Namespace, wor
         "scratch": scratch,
     }
     started = time.perf_counter()
-    _fit(system, config, args.ranks, storage, name)
-    fit_s = time.perf_counter() - started
+    error: str | None = None
     blocked: list[float] = []
-    for rank in range(args.ranks):
-        with open(os.path.join(out, f"rank_{rank}.json")) as handle:
-            blocked.extend(json.load(handle))
-    shutil.rmtree(os.path.join(storage, name), ignore_errors=True)
-    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        _fit(system, config, args.ranks, storage, name)
+        fit_s = time.perf_counter() - started
+        for rank in range(args.ranks):
+            with open(os.path.join(out, f"rank_{rank}.json")) as handle:
+                blocked.extend(json.load(handle))
+    except Exception as failure:  # noqa: BLE001 - one failed job must not lose the others' figures
+        error, fit_s = f"{type(failure).__name__}: {str(failure).splitlines()[0] if str(failure) else ''}", math.nan
+    finally:
+        shutil.rmtree(os.path.join(storage, name), ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return BenchRow(
         system=system,
         mode=mode,
@@ -194,6 +202,7 @@ def run_job(system: str, mode: str, size_mib: int, args: argparse.Namespace, wor
         blocked_median_ms=percentile(blocked, 50) * 1e3,
         blocked_p99_ms=percentile(blocked, 99) * 1e3,
         fit_s=fit_s,
+        error=error,
     )
 
 
@@ -289,6 +298,9 @@ def run(args: argparse.Namespace) -> int:
             *shown,
         )
     console.print(table)
+    for row in rows:
+        if row.error:
+            console.print(f"[red]{row.system} {row.mode} {row.size_mib} MiB failed:[/red] {row.error}")
     if args.json:
         print(json.dumps({"rows": [asdict(r) for r in rows], "ratios": ratios(rows)}, indent=2))
     return 0

@@ -304,7 +304,12 @@ class RayBackend:
         if not ray.is_initialized():
             # ray.init installs signal handlers, which only the main thread may do; it runs
             # before any rank exists, so blocking the driver's trio run here delays nobody.
-            ray.init(address=self.address, **self.init_options)
+            try:
+                ray.init(address=self.address, **self.init_options)
+            except Exception as error:  # noqa: BLE001 - a cluster we cannot join ends the attempt clearly
+                where = f"the Ray cluster at {self.address!r}" if self.address else "a local Ray cluster"
+                controller.fail(RunFailure(f"could not connect to {where}: {error!r}", error))
+                return
         bundle = {key: float(value) for key, value in plan.resources_per_worker.items() if value}
         if not bundle:
             controller.fail(RunFailure("ScalingConfig.resources_per_worker must ask for some resource on Ray", None))
