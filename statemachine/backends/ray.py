@@ -41,6 +41,7 @@ works everywhere. ``memory://`` is one per process and is refused by the ``Train
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import pickle
@@ -75,7 +76,7 @@ logger = logging.getLogger("statemachine")
 
 #: Concurrent method calls per actor: one poll, plus ``abort`` and ``reports`` next to it.
 _ACTOR_THREADS = 4
-#: Extra seconds a poll's ``ray.get`` may take beyond the actor's own wait before it is retried.
+#: Extra seconds a poll's ``ray.get`` may take beyond the actor's own wait before it is waited for again.
 _POLL_GRACE_S = 30.0
 #: How long the clean-up after an attempt may spend collecting reports and removing actors.
 _CLEANUP_S = 10.0
@@ -319,9 +320,12 @@ class RayBackend:
             if not await self._wait_placed(group, plan, bundle, controller):
                 return
             self._start_actors(plan, group, bundle)
+            # Polls wait most of their time; their own limiter keeps them from taking every
+            # thread of trio's default one, which the controller needs to write commits.
+            limiter = trio.CapacityLimiter(len(self.actors))
             async with trio.open_nursery() as nursery:
                 for rank, actor in enumerate(self.actors):
-                    nursery.start_soon(self._follow, rank, actor, controller)
+                    nursery.start_soon(self._follow, rank, actor, controller, limiter)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_S):
                 await _threads.run_in_thread(self._clean_up, group, abandon_on_cancel=True)
@@ -388,11 +392,20 @@ class RayBackend:
                 actor.abort.remote(self._abort_message)
             actor.start.remote()
 
-    async def _follow(self, rank: int, actor: Any, controller: Controller) -> None:
+    async def _follow(self, rank: int, actor: Any, controller: Controller, limiter: trio.CapacityLimiter) -> None:
         """Replay one rank's events into the controller, in order, until the rank is finished."""
+        pending: Any = None
         while True:
+            # One poll in flight per rank, and a poll whose wait timed out is waited for again
+            # rather than replaced: the events it took from the actor's queue must not be lost.
+            if pending is None:
+                pending = actor.next_events.remote(self.poll_timeout_s)
             try:
-                events: list[_RankEvent] = await _threads.run_in_thread(self._poll, actor, abandon_on_cancel=True)
+                events: list[_RankEvent] = await trio.to_thread.run_sync(
+                    functools.partial(ray.get, pending, timeout=self.poll_timeout_s + _POLL_GRACE_S),
+                    abandon_on_cancel=True,
+                    limiter=limiter,
+                )
             except GetTimeoutError:
                 continue
             except RayActorError as error:
@@ -408,6 +421,7 @@ class RayBackend:
                     RunFailure(f"rank {rank} died {where} (its Ray actor was lost: {summary})", error, rank, last)
                 )
                 return
+            pending = None
             for event in events:
                 if isinstance(event, _HandedOff):
                     self._last_index[rank] = event.message.index
@@ -418,12 +432,6 @@ class RayBackend:
                     self._reports[rank] = event.reports
                     controller.rank_finished(rank, event.training_error)
                     return
-
-    def _poll(self, actor: Any) -> list[_RankEvent]:
-        events: list[_RankEvent] = ray.get(
-            actor.next_events.remote(self.poll_timeout_s), timeout=self.poll_timeout_s + _POLL_GRACE_S
-        )
-        return events
 
     def _clean_up(self, group: PlacementGroup) -> None:
         """Collect the reports of ranks that did not finish, then remove the actors and the group."""
