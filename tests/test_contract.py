@@ -10,6 +10,7 @@ use trio's real clock with a generous ``fail_after``: a hang is a ``TooSlowError
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -433,3 +434,13 @@ def test_ray_driver_joins_an_existing_cluster_by_address(ray_cluster: str, file_
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"ADDRESS {ray_cluster}" in done.stdout
     assert "COMMITTED [0, 1, 2] {'step': 2, 'rank': 0}" in done.stdout
+
+
+def test_report_failed_error_keeps_rank_and_index_across_processes() -> None:
+    error = sm.ReportFailedError("rank 1, report 3: boom", 1, 3)
+    error.add_note("raised on rank 1")
+
+    copy = pickle.loads(pickle.dumps(error))
+
+    assert (str(copy), copy.rank, copy.index) == ("rank 1, report 3: boom", 1, 3)
+    assert copy.__notes__ == ["raised on rank 1"]
