@@ -401,6 +401,18 @@ def test_ray_error_that_cannot_be_pickled_reaches_the_driver_with_its_type_and_t
     assert "unpicklable_error_fn" in cause.remote_traceback
 
 
+@pytest.mark.ray
+def test_ray_training_function_that_cannot_be_shipped_fails_the_run_clearly(ray_cluster: str, file_url: str) -> None:
+    lock = threading.Lock()
+
+    def holds_a_lock() -> None:
+        with lock:
+            sm.report({"step": 0})
+
+    with pytest.raises(sm.TrainingFailedError, match="could not start the ranks as Ray actors"):
+        fit(make_trainer(holds_a_lock, {}, "ray", file_url))
+
+
 def test_ray_backend_refuses_per_process_memory_storage_at_the_call() -> None:
     with pytest.raises(ValueError, match=r"backend='ray' cannot use storage_path='memory://runs'"):
         sm.Trainer(uneven_counts_fn, run_config=sm.RunConfig(storage_path="memory://runs"), backend="ray")

@@ -319,7 +319,11 @@ class RayBackend:
         try:
             if not await self._wait_placed(group, plan, bundle, controller):
                 return
-            self._start_actors(plan, group, bundle)
+            try:
+                self._start_actors(plan, group, bundle)
+            except Exception as error:  # noqa: BLE001 - e.g. a training function cloudpickle cannot ship
+                controller.fail(RunFailure(f"could not start the ranks as Ray actors: {error!r}", error))
+                return
             # Polls wait most of their time; their own limiter keeps them from taking every
             # thread of trio's default one, which the controller needs to write commits.
             limiter = trio.CapacityLimiter(len(self.actors))
