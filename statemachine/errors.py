@@ -30,6 +30,11 @@ class ReportFailedError(RuntimeError):
         self.rank = rank
         self.index = index
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # The Ray backend pickles errors from a rank's process to the driver; the default
+        # reduction would call __init__ with the message only.
+        return (type(self), (str(self), self.rank, self.index), self.__dict__)
+
 
 class RunAbortedError(RuntimeError):
     """The run is ending because of a failure elsewhere; raised by ``report()`` to unwind."""

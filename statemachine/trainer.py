@@ -92,6 +92,12 @@ class Trainer:
         self.config = train_loop_config
         self.scaling_config = scaling_config or ScalingConfig()
         self.run_config = run_config or RunConfig()
+        if backend == "ray" and str(self.run_config.storage_path).startswith("memory://"):
+            raise ValueError(
+                f"backend='ray' cannot use storage_path={self.run_config.storage_path!r}: memory:// is private to "
+                "each process, so the ranks (Ray actors) would not see each other's files; use a folder every "
+                "actor can reach or a remote fsspec URL such as s3://"
+            )
         self.backend_name = backend
         self.backend_options = dict(backend_options or {})
         self.callbacks = list(callbacks)
