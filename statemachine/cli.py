@@ -6,12 +6,12 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from . import demo
+from . import bench, demo
 
 __all__ = ["main"]
 
 #: Each command module has ``add_parser(subparsers)`` (which sets ``func``) and its own ``run``.
-COMMANDS = (demo,)
+COMMANDS = (demo, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
