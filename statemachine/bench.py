@@ -142,7 +142,7 @@ def _link_or_copy_into(source_dir: str, target_url: str, options: Mapping[str, A
 def blocked_train_fn(config: dict[str, Any]) -> None:
     """Report ``config["reports"]`` times with one mode; NO_UPLOAD files are placed first."""
     kind = config["kind"]
-    checkpoint_dir = config.get("source")
+    checkpoint_dir: str = config.get("source", "")
     for step in range(config["reports"]):
         metrics = {"step": step, "loss": 1.0 / (step + 1)}
         if kind == "metrics":
@@ -415,7 +415,9 @@ def print_tables(figures: dict[str, Any]) -> None:
         f"quick={figures['quick']} cpus={figures['cpus']} ({figures['seconds']:.0f} s)"
     )
     if "blocked" in figures:
-        table = Table(title="Time blocked in report() (target: ASYNC, NO_UPLOAD, metrics-only < 1 ms median, < 5 ms p99)")
+        table = Table(
+            title="Time blocked in report() (target: ASYNC, NO_UPLOAD, metrics-only < 1 ms median, < 5 ms p99)"
+        )
         for column in ("mode", "MiB", "ranks", "reports", "median ms", "p99 ms", "max ms"):
             table.add_column(column, justify="right")
         for row in figures["blocked"]:
@@ -446,7 +448,15 @@ def print_tables(figures: dict[str, Any]) -> None:
         console.print(table)
     if "metrics" in figures:
         table = Table(title="Metrics-only reports (target: cost per report 64 vs 8 ranks <= 1.5x)")
-        for column in ("ranks", "reports/rank", "per s per rank", "per s total", "cost/report us", "median ms", "p99 ms"):
+        for column in (
+            "ranks",
+            "reports/rank",
+            "per s per rank",
+            "per s total",
+            "cost/report us",
+            "median ms",
+            "p99 ms",
+        ):
             table.add_column(column, justify="right")
         for row in figures["metrics"]:
             table.add_row(
@@ -461,8 +471,10 @@ def print_tables(figures: dict[str, Any]) -> None:
         console.print(table)
         last = figures["metrics"][-1]
         if "cost_ratio_vs_first" in last:
-            console.print(f"cost per report, {last['ranks']} vs {figures['metrics'][0]['ranks']} ranks: "
-                          f"{last['cost_ratio_vs_first']:.2f}x")
+            console.print(
+                f"cost per report, {last['ranks']} vs {figures['metrics'][0]['ranks']} ranks: "
+                f"{last['cost_ratio_vs_first']:.2f}x"
+            )
     if "memory" in figures:
         memory = figures["memory"]
         table = Table(title="Memory and snapshot backlog over 10,000 reports (an ASYNC checkpoint every 10th)")
