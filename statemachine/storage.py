@@ -59,6 +59,15 @@ STAGING_NAME = ".staging"
 CHUNK_SIZE = 8 * 1024 * 1024
 _CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 
+#: Options the library gives s3fs unless the user's ``storage_options`` set them. s3fs uploads a
+#: file in parts of ``chunksize`` bytes, ``max_concurrency`` parts at a time, each part held in
+#: memory; its defaults (50 MiB parts, 10 at a time) hold 500 MiB per file being uploaded, for
+#: each upload slot of each rank. These hold 4 x 16 MiB = 64 MiB per upload, which still keeps a
+#: link busy (four requests in flight). ``default_block_size`` is also the part size of
+#: :meth:`RunStorage.upload_part` (raised for files too large for S3's 10,000 parts).
+S3_DEFAULT_OPTIONS: Mapping[str, Any] = {"max_concurrency": 4, "default_block_size": 16 * 1024 * 1024}
+S3_MAX_PARTS = 10_000
+
 #: Called with the number of bytes written, after each chunk.
 ProgressCallback = Callable[[int], None]
 
@@ -253,17 +262,26 @@ def delete_local_directory(path: str, protected: Iterable[str] = ()) -> bool:
     return True
 
 
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
 class RunStorage:
     """One run folder in one fsspec file system."""
 
     def __init__(
         self, storage_path: str | os.PathLike[str], name: str, storage_options: Mapping[str, Any] | None = None
     ) -> None:
-        fs, root = fsspec.core.url_to_fs(os.fspath(storage_path), **dict(storage_options or {}))
+        options = dict(storage_options or {})
+        if fsspec.core.split_protocol(os.fspath(storage_path))[0] in ("s3", "s3a"):
+            options = {**S3_DEFAULT_OPTIONS, **options}
+        fs, root = fsspec.core.url_to_fs(os.fspath(storage_path), **options)
         self.fs: fsspec.AbstractFileSystem = fs
         self.name = name
         self.root: str = posixpath.join(root.rstrip("/"), name) if root.rstrip("/") else name
         self.is_local = isinstance(fs, LocalFileSystem)
+        self.is_s3 = "s3" in _protocols(fs)
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -319,11 +337,16 @@ class RunStorage:
                 if parent not in made:
                     self.fs.makedirs(parent, exist_ok=True)
                     made.add(parent)
+                options: dict[str, Any] = {}
+                if self.is_s3:
+                    # s3fs ignores default_block_size here and would use 50 MiB parts.
+                    size = os.path.getsize(source)
+                    options["chunksize"] = max(self.fs.default_block_size, -(-size // S3_MAX_PARTS))
                 callback = _ProgressAdapter(progress) if progress is not None else None
-                if callback is None:
-                    self.fs.put_file(source, destination)
-                else:
-                    self.fs.put_file(source, destination, callback=callback)
+                if callback is not None:
+                    options["callback"] = callback
+                self.fs.put_file(source, destination, **options)
+                if callback is not None:
                     remainder = os.path.getsize(source) - callback.reported
                     if remainder > 0:  # file systems that copy without calling back
                         callback.progress(remainder)
@@ -338,7 +361,16 @@ class RunStorage:
         if self.fs.exists(final):
             self.fs.rm(final, recursive=True)
         self.fs.makedirs(posixpath.dirname(final), exist_ok=True)
-        self.fs.mv(staging, final, recursive=True)
+        if self.is_local:
+            self.fs.mv(staging, final, recursive=True)  # one rename
+        else:
+            # Object stores have no rename: a server-side copy of each file (concurrent on s3fs;
+            # no byte crosses the client), then the staging objects go. Listing the files by
+            # name, rather than ``mv(recursive=True)``, keeps s3fs from copying the folder
+            # placeholders of nested folders, which do not exist as objects.
+            names = [entry.path for entry in entries]
+            self.fs.copy([posixpath.join(staging, n) for n in names], [posixpath.join(final, n) for n in names])
+            self.fs.rm(staging, recursive=True)
         return PartManifest(rank, part_relpath, tuple(entries))
 
     def scan_part(self, part_relpath: str, rank: int) -> PartManifest:
@@ -377,9 +409,20 @@ class RunStorage:
                 if os.path.exists(temporary):
                     os.unlink(temporary)
             return
-        if exclusive and self.fs.exists(path):
+        if not exclusive:
+            self.fs.pipe_file(path, data)
+            return
+        # Object stores have no rename to publish with, but a single PUT is atomic, and
+        # ``mode="create"`` makes it conditional where the store can: s3fs sends
+        # ``If-None-Match: *``, so of two writers racing for the same marker exactly one
+        # succeeds and the other gets FileExistsError. The ``exists`` check first gives the same
+        # clear error on stores that ignore the condition (then only a true race slips through).
+        if self.fs.exists(path):
             raise FileExistsError(f"{self.fs.unstrip_protocol(path)} already exists")
-        self.fs.pipe_file(path, data)
+        try:
+            self.fs.pipe_file(path, data, mode="create")
+        except FileExistsError:
+            raise FileExistsError(f"{self.fs.unstrip_protocol(path)} already exists") from None
 
     def commit(self, checkpoint: CommittedCheckpoint) -> None:
         """Write the commit marker of ``checkpoint`` (last), then drop its staging folder."""
