@@ -82,6 +82,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--sizes", default=None, help="checkpoint sizes in MiB, comma-separated (default 16,256)")
     parser.add_argument("--ranks", default=None, help="rank counts for 'blocked', comma-separated (default 1,2,8)")
     parser.add_argument(
+        "--reports",
+        type=int,
+        default=None,
+        help="override every count: reports per run in 'blocked' and 'metrics', runs in 'throughput', "
+        "and reports in 'memory' (times 10); for smoke tests",
+    )
+    parser.add_argument(
         "--sections",
         default="memory,blocked,throughput,metrics",
         help="which sections to run, comma-separated (default: all)",
@@ -242,11 +249,14 @@ def memory_train_fn(config: dict[str, Any]) -> None:
 
 
 class Bench:
-    def __init__(self, storage: str, storage_options: dict[str, Any], backend: str, quick: bool) -> None:
+    def __init__(
+        self, storage: str, storage_options: dict[str, Any], backend: str, quick: bool, reports: int | None = None
+    ) -> None:
         self.storage = storage.rstrip("/")
         self.storage_options = storage_options
         self.backend = backend
         self.quick = quick
+        self.reports = reports
         self.work = tempfile.mkdtemp(prefix="statemachine-bench-")
         self.fs, self.root = fsspec.core.url_to_fs(self.storage, **storage_options)
         self.sources: dict[int, str] = {}
@@ -302,11 +312,13 @@ class Bench:
                     )
                     rows.append(self._blocked_row(kind, size, ranks, result))
         for ranks in rank_counts:
-            result, _ = self.fit(blocked_train_fn, ranks, {"kind": "metrics", "reports": 200}, upload)
+            result, _ = self.fit(blocked_train_fn, ranks, {"kind": "metrics", "reports": self.reports or 200}, upload)
             rows.append(self._blocked_row("metrics-only", 0, ranks, result))
         return rows
 
     def _reports_for(self, size: int, ranks: int) -> int:
+        if self.reports:
+            return self.reports
         volume = size * ranks  # MiB written per step
         if self.quick:
             return max(2, min(10, 256 // volume))
@@ -331,6 +343,7 @@ class Bench:
             repeats = 6 if self.quick else 12
             if size >= 256 and self.quick:
                 repeats = 4
+            repeats = self.reports or repeats
             raw_url = f"{self.storage}/raw-copy-{uuid.uuid4().hex[:8]}"
             config = {"source": self.source(size), "repeats": repeats, "raw_url": raw_url}
             _result, results = self.fit(throughput_train_fn, 1, config, sm.UploadConfig())
@@ -354,7 +367,7 @@ class Bench:
 
     def metrics(self, rank_counts: Sequence[int] = (8, 64)) -> list[dict[str, Any]]:
         rows = []
-        reports = 200 if self.quick else 1000
+        reports = self.reports or (200 if self.quick else 1000)
         for ranks in rank_counts:
             result, results = self.fit(metrics_train_fn, ranks, {"reports": reports}, sm.UploadConfig())
             windows = []
@@ -380,19 +393,20 @@ class Bench:
         return rows
 
     def memory(self) -> dict[str, Any]:
-        reports = 10_000
-        config = {"reports": reports, "checkpoint_bytes": 64 * 1024, "sample_every": 1000}
+        reports = self.reports * 10 if self.reports else 10_000
+        config = {"reports": reports, "checkpoint_bytes": 64 * 1024, "sample_every": reports // 10}
         result, results = self.fit(memory_train_fn, 1, config, sm.UploadConfig())
         with open(os.path.join(results, "rank_0.json")) as handle:
             samples = json.load(handle)["samples"]
         by_count = {s["reports"]: s for s in samples}
-        first, last = by_count[1000], by_count[reports]
+        first, last = by_count[reports // 10], by_count[reports]
         return {
             "reports": reports,
             "samples": samples,
-            "rss_mib_at_1k": first["rss_mib"],
-            "rss_mib_at_10k": last["rss_mib"],
-            "rss_growth_mib_per_1k": (last["rss_mib"] - first["rss_mib"]) / 9,
+            "rss_mib_at_first_sample": first["rss_mib"],
+            "rss_mib_at_end": last["rss_mib"],
+            "rss_growth_mib_per_1k": (last["rss_mib"] - first["rss_mib"]) / (reports - reports // 10) * 1000,
+            "peak_rss_mib": max(s["rss_mib"] for s in samples),
             "max_backlog_kib": max(s["backlog"] for s in samples) / 1024,
             "reports_in_result": len(result.reports),
         }
@@ -477,14 +491,17 @@ def print_tables(figures: dict[str, Any]) -> None:
             )
     if "memory" in figures:
         memory = figures["memory"]
-        table = Table(title="Memory and snapshot backlog over 10,000 reports (an ASYNC checkpoint every 10th)")
+        table = Table(
+            title=f"Memory and snapshot backlog over {memory['reports']:,} reports (an ASYNC checkpoint every 10th)"
+        )
         for column in ("reports", "RSS MiB", "snapshot backlog KiB"):
             table.add_column(column, justify="right")
         for sample in memory["samples"]:
             table.add_row(str(sample["reports"]), _fmt(sample["rss_mib"], 1), _fmt(sample["backlog"] / 1024, 0))
         console.print(table)
+        growth = memory["rss_mib_at_end"] - memory["rss_mib_at_first_sample"]
         console.print(
-            f"RSS growth from 1k to 10k reports: {memory['rss_mib_at_10k'] - memory['rss_mib_at_1k']:.1f} MiB "
+            f"RSS growth after the first sample: {growth:.1f} MiB "
             f"({memory['rss_growth_mib_per_1k']:.2f} MiB per 1k reports)"
         )
 
@@ -502,7 +519,9 @@ def run(args: argparse.Namespace) -> int:
     if storage is None:
         temporary = tempfile.mkdtemp(prefix="statemachine-bench-storage-")
         storage = temporary
-    bench = Bench(storage, options, args.backend, args.quick)
+    if args.reports is not None and args.reports < 1:
+        raise ValueError(f"--reports must be >= 1, got {args.reports}")
+    bench = Bench(storage, options, args.backend, args.quick, args.reports)
     started = time.perf_counter()
     figures: dict[str, Any] = {
         "storage": storage,

@@ -268,7 +268,8 @@ def test_bench_command_measures_s3_through_the_endpoint_option(
             "1",
             "--ranks",
             "1",
-            "--quick",
+            "--reports",
+            "3",
             "--json",
         ]
     )
