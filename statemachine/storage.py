@@ -60,12 +60,14 @@ CHUNK_SIZE = 8 * 1024 * 1024
 _CHECKPOINT_RE = re.compile(r"^checkpoint_(\d{6,})$")
 
 #: Options the library gives s3fs unless the user's ``storage_options`` set them. s3fs uploads a
-#: file in parts of ``chunksize`` bytes, ``max_concurrency`` parts at a time, each part held in
-#: memory; its defaults (50 MiB parts, 10 at a time) hold 500 MiB per file being uploaded, for
-#: each upload slot of each rank. These hold 4 x 16 MiB = 64 MiB per upload, which still keeps a
-#: link busy (four requests in flight). ``default_block_size`` is also the part size of
-#: :meth:`RunStorage.upload_part` (raised for files too large for S3's 10,000 parts).
-S3_DEFAULT_OPTIONS: Mapping[str, Any] = {"max_concurrency": 4, "default_block_size": 16 * 1024 * 1024}
+#: file in parts, ``max_concurrency`` parts at a time, each part held in memory, and many files
+#: at once; its defaults (50 MiB parts, 10 at a time, up to 128 files) can hold gigabytes per
+#: upload, for each upload slot of each rank. :meth:`RunStorage.upload_part` sends
+#: ``max_concurrency`` files at a time in parts of ``default_block_size`` (raised only for files
+#: too large for S3's 10,000 parts; a file under two parts goes in one PUT), so one upload holds
+#: at most 4 files x 4 parts x 8 MiB = 128 MiB with these defaults, and keeps up to 16
+#: requests in flight. Note that S3 refuses parts under 5 MiB (except the last).
+S3_DEFAULT_OPTIONS: Mapping[str, Any] = {"max_concurrency": 4, "default_block_size": 8 * 1024 * 1024}
 S3_MAX_PARTS = 10_000
 
 #: Called with the number of bytes written, after each chunk.
@@ -199,15 +201,25 @@ class _ChecksumThread(threading.Thread):
 
 
 class _ProgressAdapter(fsspec.callbacks.Callback):  # type: ignore[misc]
-    """Turns fsspec's per-chunk callback into the library's ``progress(bytes)``."""
+    """Turns fsspec's callbacks into the library's ``progress(bytes)``.
 
-    def __init__(self, progress: ProgressCallback) -> None:
+    ``fs.put`` of many files calls this one per file (ignored) and asks :meth:`branched` for a
+    child per file, which s3fs and most file systems call per chunk with the bytes sent.
+    """
+
+    def __init__(self, progress: ProgressCallback, parent: _ProgressAdapter | None = None) -> None:
         super().__init__()
         self.progress = progress
+        self.parent = parent
         self.reported = 0
 
+    def branched(self, path_1: str, path_2: str, **kwargs: Any) -> _ProgressAdapter:
+        return _ProgressAdapter(self.progress, self)
+
     def relative_update(self, inc: int = 1) -> None:
-        self.reported += inc
+        if self.parent is None:
+            return  # a whole file done; its bytes were counted by its child
+        self.parent.reported += inc
         self.progress(inc)
 
 
@@ -323,33 +335,30 @@ class RunStorage:
         staging = self.path(posixpath.join(checkpoint_relpath, STAGING_NAME, f"rank_{rank}-{uuid.uuid4().hex[:12]}"))
         relatives = local_files(local_dir)
         sources = [os.path.join(local_dir, relative) for relative in relatives]
-        # The copy is ``fs.put_file``, the call a raw copy would make (sendfile on a local file
+        # The copy is ``fs.put``, the call a raw copy would make (sendfile on a local file
         # system, concurrent multipart on S3), so an upload costs what copying the files costs;
         # the checksums are computed at the same time in a second thread, from the source.
+        destinations = [posixpath.join(staging, relative) for relative in relatives]
+        total = sum(os.path.getsize(source) for source in sources)
         checksums = _ChecksumThread(sources)
         checksums.start()
         try:
-            self.fs.makedirs(staging, exist_ok=True)
-            made = {staging}
-            for relative, source in zip(relatives, sources, strict=True):
-                destination = posixpath.join(staging, relative)
-                parent = posixpath.dirname(destination)
-                if parent not in made:
-                    self.fs.makedirs(parent, exist_ok=True)
-                    made.add(parent)
-                options: dict[str, Any] = {}
-                if self.is_s3:
-                    # s3fs ignores default_block_size here and would use 50 MiB parts.
-                    size = os.path.getsize(source)
-                    options["chunksize"] = max(self.fs.default_block_size, -(-size // S3_MAX_PARTS))
-                callback = _ProgressAdapter(progress) if progress is not None else None
-                if callback is not None:
-                    options["callback"] = callback
-                self.fs.put_file(source, destination, **options)
-                if callback is not None:
-                    remainder = os.path.getsize(source) - callback.reported
-                    if remainder > 0:  # file systems that copy without calling back
-                        callback.progress(remainder)
+            for parent in sorted({staging, *(posixpath.dirname(d) for d in destinations)}):
+                self.fs.makedirs(parent, exist_ok=True)
+            options: dict[str, Any] = {}
+            if self.is_s3 and sources:
+                # s3fs would use 50 MiB parts here whatever default_block_size says.
+                largest = max(os.path.getsize(source) for source in sources)
+                options["chunksize"] = max(self.fs.default_block_size, -(-largest // S3_MAX_PARTS))
+                options["batch_size"] = self.fs.max_concurrency
+            callback = _ProgressAdapter(progress) if progress is not None else None
+            if callback is not None:
+                options["callback"] = callback
+            if sources:
+                # One call for all files: async file systems (s3fs) send them concurrently.
+                self.fs.put(sources, destinations, **options)
+            if callback is not None and total > callback.reported:
+                callback.progress(total - callback.reported)  # file systems that copy silently
         finally:
             checksums.join()
         if checksums.error is not None:

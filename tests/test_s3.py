@@ -241,9 +241,9 @@ def test_s3_uploads_use_bounded_parts_and_concurrency_unless_the_user_overrides_
 
     part = storage.upload_part(local, "checkpoint_000000/rank_0", 0, progress=written.append)
 
-    assert (storage.fs.max_concurrency, storage.fs.default_block_size) == (4, 16 * MIB)
+    assert (storage.fs.max_concurrency, storage.fs.default_block_size) == (4, 8 * MIB)
     assert overridden.fs.max_concurrency == 2
-    assert sorted(written) == [MIB, 16 * MIB, 16 * MIB]  # one call per part sent
+    assert sorted(written) == [MIB] + [8 * MIB] * 4  # one call per part sent
     assert storage.fs.size(storage.path("checkpoint_000000/rank_0/weights.bin")) == 33 * MIB == part.bytes
 
 
