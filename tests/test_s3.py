@@ -21,7 +21,7 @@ import pytest
 
 import statemachine as sm
 from statemachine.cli import main
-from statemachine.storage import MARKER_NAME, S3_DEFAULT_OPTIONS, CommittedCheckpoint, RunStorage
+from statemachine.storage import MARKER_NAME, S3_DEFAULT_OPTIONS, STAGING_NAME, CommittedCheckpoint, RunStorage
 
 pytestmark = [pytest.mark.s3, pytest.mark.timeout(120)]
 
@@ -245,6 +245,42 @@ def test_s3_uploads_use_bounded_parts_and_concurrency_unless_the_user_overrides_
     assert overridden.fs.max_concurrency == 2
     assert sorted(written) == [MIB] + [8 * MIB] * 4  # one call per part sent
     assert storage.fs.size(storage.path("checkpoint_000000/rank_0/weights.bin")) == 33 * MIB == part.bytes
+
+
+def test_s3_upload_writes_final_keys_directly_and_a_late_writer_cannot_replace_them(
+    s3_server: dict[str, Any], s3_url: str, tmp_path: Any
+) -> None:
+    storage = RunStorage(s3_url, "direct", s3_server)
+    local = str(tmp_path / "part")
+    _write(local, "weights.bin", b"delivered")
+    storage.upload_part(local, "checkpoint_000000/rank_0", 0)
+    key = storage.path("checkpoint_000000/rank_0/weights.bin")
+
+    # What an abandoned attempt that wakes up late would send:
+    with pytest.raises(FileExistsError):
+        storage.fs.pipe_file(key, b"stale bytes", mode="create")
+
+    assert storage._has_conditional_create()
+    assert storage.fs.cat_file(key) == b"delivered"
+    assert not storage.fs.exists(storage.path(f"checkpoint_000000/{STAGING_NAME}"))
+
+
+def test_s3_key_created_first_by_another_attempt_is_kept_only_when_its_size_matches(
+    s3_server: dict[str, Any], s3_url: str, tmp_path: Any
+) -> None:
+    storage = RunStorage(s3_url, "race", s3_server)
+    local = str(tmp_path / "part")
+    _write(local, "a.bin", b"same bytes")
+    _write(local, "b.bin", b"other")
+    source_a, source_b = os.path.join(local, "a.bin"), os.path.join(local, "b.bin")
+    key_a, key_b = storage.path("p/a.bin"), storage.path("p/b.bin")
+    storage.fs.pipe_file(key_a, b"same bytes")
+
+    storage._put_created([source_a], [key_a], [10], {}, None)
+    storage.fs.pipe_file(key_b, b"a different length")
+    with pytest.raises(FileExistsError):
+        storage._put_created([source_b], [key_b], [5], {}, None)
+    assert storage.fs.cat_file(key_a) == b"same bytes"
 
 
 def test_bench_command_measures_s3_through_the_endpoint_option(
