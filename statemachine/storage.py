@@ -40,6 +40,8 @@ import time
 import uuid
 import zlib
 from collections.abc import Callable, Iterable, Mapping
+from concurrent import futures
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -97,12 +99,28 @@ class PartManifest:
     #: The part folder, relative to the run folder.
     path: str
     files: tuple[FileEntry, ...] = ()
+    #: Checksums still being computed (local uploads, see :meth:`RunStorage.upload_part`);
+    #: :meth:`wait_for_checksums` fills them into ``files``. None when ``files`` is complete.
+    checksums: Future[list[tuple[int, str]]] | None = field(default=None, compare=False, repr=False)
 
     @property
     def bytes(self) -> int:
         return sum(f.size for f in self.files)
 
+    def wait_for_checksums(self) -> None:
+        """Block until ``files`` holds every checksum; raise the error that prevented one."""
+        pending = self.checksums
+        if pending is None:
+            return
+        results = pending.result()
+        files = tuple(FileEntry(f.path, f.size, crc) for f, (_, crc) in zip(self.files, results, strict=True))
+        # Frozen for everyone else; completing it once, in place, keeps every holder of this
+        # manifest (the controller's list of commits included) looking at the same files.
+        object.__setattr__(self, "files", files)
+        object.__setattr__(self, "checksums", None)
+
     def to_json(self) -> dict[str, Any]:
+        self.wait_for_checksums()
         return {"rank": self.rank, "path": self.path, "bytes": self.bytes, "files": [asdict(f) for f in self.files]}
 
     @classmethod
@@ -185,25 +203,8 @@ def file_crc32(path: str) -> tuple[int, str]:
             return len(mapped), _crc_hex(zlib.crc32(mapped))
 
 
-class _ChecksumThread(threading.Thread):
-    """Checksums a list of local files while the caller copies them.
-
-    A daemon, so an upload attempt abandoned on a timeout never keeps the process alive; it
-    only reads, so it cannot disturb anything when abandoned.
-    """
-
-    def __init__(self, paths: list[str]) -> None:
-        super().__init__(name="statemachine-crc32", daemon=True)
-        self.paths = paths
-        self.results: list[tuple[int, str]] = []
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            for path in self.paths:
-                self.results.append(file_crc32(path))
-        except BaseException as error:  # noqa: BLE001 - handed to the caller, which re-raises it
-            self.error = error
+def _checksum_files(paths: list[str]) -> list[tuple[int, str]]:
+    return [file_crc32(path) for path in paths]
 
 
 class _ProgressAdapter(fsspec.callbacks.Callback):  # type: ignore[misc]
@@ -302,6 +303,7 @@ class RunStorage:
         self.is_s3 = "s3" in _protocols(fs)
         self._probe_lock = threading.Lock()
         self._conditional_create: bool | None = None
+        self._checksum_pool: futures.ThreadPoolExecutor | None = None
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -364,10 +366,12 @@ class RunStorage:
         destinations = [posixpath.join(target, relative) for relative in relatives]
         sizes = [os.path.getsize(source) for source in sources]
         # The copy is ``fs.put``, the call a raw copy would make (sendfile on a local file
-        # system, concurrent multipart on S3), so an upload costs what copying the files costs;
-        # the checksums are computed at the same time in a second thread, from the source.
-        checksums = _ChecksumThread(sources)
-        checksums.start()
+        # system, concurrent multipart on S3), so an upload costs what copying the files costs.
+        # The checksums are computed by other threads: on a local disk after the upload, from
+        # the delivered files, and waited for only by the commit (a CRC-32 costs as much CPU as
+        # a page-cache copy, so computing it while copying doubled a SYNC report); elsewhere
+        # during the upload, from the source (reading the upload back would download it).
+        checksums = None if self.is_local else self._checksummer().submit(_checksum_files, sources)
         try:
             if direct and self.fs.exists(final):
                 self.fs.rm(final, recursive=True)  # what a failed earlier attempt or run left
@@ -390,12 +394,15 @@ class RunStorage:
             if callback is not None and sum(sizes) > callback.reported:
                 callback.progress(sum(sizes) - callback.reported)  # file systems that copy silently
         finally:
-            checksums.join()
-        if checksums.error is not None:
-            raise checksums.error
-        entries = [
-            FileEntry(relative, size, crc) for relative, (size, crc) in zip(relatives, checksums.results, strict=True)
-        ]
+            if checksums is not None:
+                futures.wait([checksums])
+        if checksums is None:
+            entries = [FileEntry(relative, size, "") for relative, size in zip(relatives, sizes, strict=True)]
+        else:
+            entries = [
+                FileEntry(relative, size, crc)
+                for relative, (size, crc) in zip(relatives, checksums.result(), strict=True)
+            ]
         if not direct:
             if self.fs.exists(final):
                 self.fs.rm(final, recursive=True)
@@ -409,7 +416,20 @@ class RunStorage:
                 names = [entry.path for entry in entries]
                 self.fs.copy([posixpath.join(target, n) for n in names], [posixpath.join(final, n) for n in names])
                 self.fs.rm(target, recursive=True)
+        if self.is_local:
+            delivered = self._checksummer().submit(_checksum_files, [posixpath.join(final, e.path) for e in entries])
+            return PartManifest(rank, part_relpath, tuple(entries), delivered)
         return PartManifest(rank, part_relpath, tuple(entries))
+
+    def _checksummer(self) -> futures.ThreadPoolExecutor:
+        """This storage's checksum threads, started once (starting a thread per upload waited for
+        the OS to schedule it, milliseconds on a busy machine, inside a SYNC report)."""
+        with self._probe_lock:
+            if self._checksum_pool is None:
+                self._checksum_pool = futures.ThreadPoolExecutor(
+                    max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="statemachine-crc32"
+                )
+            return self._checksum_pool
 
     def _has_conditional_create(self) -> bool:
         """Whether the store refuses a second ``If-None-Match: *`` PUT of a key (probed once)."""
@@ -518,6 +538,8 @@ class RunStorage:
         """Write the commit marker of ``checkpoint`` (last), then drop its staging folder."""
         folder = self.path(checkpoint.path)
         self.fs.makedirs(folder, exist_ok=True)
+        for part in checkpoint.parts:
+            part.wait_for_checksums()
         payload = json.dumps(checkpoint.to_json(), indent=1, sort_keys=True).encode()
         self._write_atomic(posixpath.join(folder, MARKER_NAME), payload, exclusive=True)
         staging = posixpath.join(folder, STAGING_NAME)
