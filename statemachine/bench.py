@@ -30,7 +30,8 @@ Four sections, each a real :class:`~statemachine.Trainer` run against the storag
 The machine may be busy with other work: every timing is a median (or p99) of many reports,
 and the throughput figure is a ratio of interleaved runs. Per-rank figures travel from the
 training functions to this process through small JSON files in a local folder, so the same
-code measures the ``ray`` backend when it runs on this machine.
+code measures the ``ray`` backend when it runs on this machine (RSS is then the rank's actor
+process, not the driver).
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def add_parser(subparsers: Any) -> None:
         metavar="KEY=VALUE",
         help="fsspec storage option (repeatable); endpoint_url=... goes into s3fs's client_kwargs",
     )
-    parser.add_argument("--backend", default="local", help="'local' or 'ray' (passed to Trainer)")
+    parser.add_argument("--backend", default="local", choices=("local", "ray"), help="passed to Trainer")
     parser.add_argument("--quick", action="store_true", help="fewer sizes and repeats: under a minute")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
     parser.add_argument("--sizes", default=None, help="checkpoint sizes in MiB, comma-separated (default 16,256)")
