@@ -6,12 +6,12 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from . import bench_ray, demo, inspect_cmd, simulate
+from . import bench, bench_ray, demo, inspect_cmd, simulate
 
 __all__ = ["main"]
 
 #: Each command module has ``add_parser(subparsers)`` (which sets ``func``) and its own ``run``.
-COMMANDS = (demo, simulate, inspect_cmd, bench_ray)
+COMMANDS = (demo, simulate, bench, bench_ray, inspect_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

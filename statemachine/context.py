@@ -98,8 +98,8 @@ def report(
         checkpoint_upload_fn,
         checkpoint_dir_name,
     )
-    record = runtime.report_sync(request)
-    record.timings["blocked_s"] = time.perf_counter() - started
+    timings = runtime.report_from_thread(request)
+    timings["blocked_s"] = time.perf_counter() - started
 
 
 async def areport(

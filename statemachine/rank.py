@@ -19,6 +19,15 @@ module applies events to it and carries out the effects it returns: a ``ReleaseS
 The training thread calls in through :func:`statemachine._threads.call_from_thread`; the
 validation of its arguments and the ASYNC snapshot run in the training thread itself, before
 the call, so bad input raises at the call and consumes no report index.
+
+A report that need not wait for anything (ASYNC, NO_UPLOAD, or metrics only with nothing of the
+rank still open) does not make that round trip: the thread posts the request to trio with
+``TrioToken.run_sync_soon`` and returns (:meth:`RankRuntime.report_from_thread`). Waiting for
+trio to wake up, run, and wake the thread again was most of the time such a ``report()``
+blocked, and all of its tail on a busy machine. Trio's entry queue is first in, first out, so
+posted requests are accepted in report order and before any later round trip. Until trio has
+accepted it, a posted request counts "in transit": the pending bound and ``next_index`` add it,
+under a lock, so that neither ever sees it missing.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -101,6 +111,8 @@ class ReportRequest:
     #: What a custom upload function is given (the ASYNC snapshot when the checkpoint is local).
     checkpoint: Checkpoint | None = None
     has_checkpoint: bool = False
+    #: The record's timings; ``report()`` adds ``blocked_s`` once it returns.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)
@@ -162,6 +174,9 @@ class RankRuntime:
         self._changed = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._token: trio.lowlevel.TrioToken | None = None
+        #: Guards ``_in_transit`` together with ``lifecycle.accept`` (see the module docstring).
+        self._transit_lock = threading.Lock()
+        self._in_transit = 0
         self._snapshot_root = os.path.join(
             tempfile.gettempdir(), "statemachine-snapshots", f"{os.getpid()}-{id(self):x}", f"rank_{rank}"
         )
@@ -218,7 +233,8 @@ class RankRuntime:
 
     @property
     def next_index(self) -> int:
-        return self.first_index + len(self.lifecycle)
+        with self._transit_lock:
+            return self.first_index + len(self.lifecycle) + self._in_transit
 
     def next_checkpoint_path(self) -> str:
         return self.storage.url(self.storage.part_relpath(checkpoint_dir_name(self.next_index), self.rank))
@@ -290,6 +306,47 @@ class RankRuntime:
             request.checkpoint = Checkpoint.from_directory(request.upload_source) if checkpoint.is_local else checkpoint
         return request
 
+    def report_from_thread(self, request: ReportRequest) -> dict[str, float]:
+        """From the training thread: hand ``request`` over; return its timings.
+
+        Posts without waiting when the report must not wait for anything (see the module
+        docstring); otherwise makes the round trip of :meth:`report_sync`.
+        """
+        token = self._token
+        if token is None or (request.mode is CheckpointUploadMode.SYNC and request.has_checkpoint):
+            return self.report_sync(request).timings
+        with self._transit_lock:
+            # ``open_reports`` only falls behind our back (trio finishing reports), so a stale
+            # read can only send us down the slow path, never past the bound.
+            open_reports = self.lifecycle.open_reports + self._in_transit
+            if request.mode is CheckpointUploadMode.SYNC:
+                postable = open_reports == 0  # metrics only: nothing earlier to wait for
+            else:
+                bound = self.lifecycle.max_pending
+                postable = bound is None or open_reports < bound
+            if postable:
+                self._raise_if_aborted()
+                self._in_transit += 1
+        if not postable:
+            return self.report_sync(request).timings
+        try:
+            token.run_sync_soon(self._accept_posted, request)
+        except trio.RunFinishedError:
+            raise RunAbortedError(f"rank {self.rank}: the run is over; report() is no longer possible") from None
+        return request.timings
+
+    def _accept_posted(self, request: ReportRequest) -> None:
+        """In trio: accept a request posted by :meth:`report_from_thread` (never raises)."""
+        with self._transit_lock:
+            record = self._new_record(request)
+            self._in_transit -= 1
+        if self._nursery is None:
+            # Cannot happen while the training thread runs (the nursery waits for it); kept so
+            # that a posted report still ends in a terminal state rather than vanishing.
+            self._fail(record, RunAbortedError(f"rank {self.rank}: the rank is finished"), Event.ABORTED)
+            return
+        self._nursery.start_soon(self._drive, record)
+
     def report_sync(self, request: ReportRequest) -> _Record:
         """From the training thread: accept ``request`` (waiting as its mode says)."""
         record: _Record = self._from_thread(self.accept, request)
@@ -318,13 +375,9 @@ class RankRuntime:
         self._raise_if_aborted()
         if self._nursery is None:
             raise RuntimeError("report() was called after the training function returned")
-        ordinal = self.lifecycle.accept()
-        index = self.first_index + ordinal
-        checkpoint_dir = None
-        if request.has_checkpoint:
-            checkpoint_dir = request.dir_name or checkpoint_dir_name(index)
-        record = _Record(ordinal, index, request.mode, request, checkpoint_dir)
-        self.records.append(record)
+        with self._transit_lock:
+            record = self._new_record(request)
+        ordinal, index = record.ordinal, record.index
         self._nursery.start_soon(self._drive, record)
         if request.mode is CheckpointUploadMode.SYNC:
             while not self.lifecycle.state(ordinal).terminal:
@@ -337,6 +390,16 @@ class RankRuntime:
                 raise ReportFailedError(
                     f"rank {self.rank}, report {index}: {record.error!r}", self.rank, index
                 ) from record.error
+        return record
+
+    def _new_record(self, request: ReportRequest) -> _Record:
+        ordinal = self.lifecycle.accept()
+        index = self.first_index + ordinal
+        checkpoint_dir = None
+        if request.has_checkpoint:
+            checkpoint_dir = request.dir_name or checkpoint_dir_name(index)
+        record = _Record(ordinal, index, request.mode, request, checkpoint_dir, timings=request.timings)
+        self.records.append(record)
         return record
 
     # -- driving one record ----------------------------------------------------------------

@@ -94,14 +94,14 @@ def test_result_stats_count_reports_bytes_uploads_and_blocked_time(
     assert len(uploads) == 8 and all(f"uploaded {per_upload} bytes" in line for line in uploads)
 
 
-def test_upload_progress_reaches_callbacks_per_chunk_from_upload_threads(memory_url: str) -> None:
+def test_upload_progress_reaches_callbacks_for_every_file_from_upload_threads(memory_url: str) -> None:
     recorder = _Recorder()
     run_trio(_trainer(memory_url, callbacks=(recorder,)).fit_async)
     uploaded = {key for key in recorder.bytes}
     assert uploaded == {(rank, index) for rank in (0, 1) for index in (0, 1, 3, 4)}
     assert set(recorder.bytes.values()) == {sum(SIZES.values())}
-    # One call per chunk: the small file, then the large one in a full chunk and its remainder.
-    assert set(recorder.calls.values()) == {3}
+    # At least one call per file (file systems that report chunks call once per chunk).
+    assert all(calls >= len(SIZES) for calls in recorder.calls.values())
     assert threading.get_ident() not in recorder.threads
 
 

@@ -22,7 +22,11 @@ class LocalBackend:
 
     async def run(self, plan: RunPlan, controller: Controller) -> None:
         storage = RunStorage(plan.storage_path, plan.name, plan.storage_options)
-        start = Checkpoint(plan.start_checkpoint) if plan.start_checkpoint else None
+        start = None
+        if plan.start_checkpoint:
+            # Opened in the run's own file system, so that it keeps the storage options (an S3
+            # endpoint, credentials) that a bare URL would lose.
+            start = Checkpoint(storage.fs._strip_protocol(plan.start_checkpoint), storage.fs)
         protected = (storage.root,) if storage.is_local else ()
         self.ranks = [
             RankRuntime(
