@@ -170,7 +170,7 @@ MUTANTS: dict[str, Mutant] = {
             "upload_never_succeeds",
             "the UPLOADING -> WAITING_TURN row is missing: only failure can end an upload",
             Core("upload_never_succeeds", transitions=mutated_table(_drop_upload_success)),
-            frozenset({"induction"}),
+            frozenset({"explorer", "induction"}),
         ),
         Mutant(
             "failed_upload_requeued",
