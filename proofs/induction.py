@@ -39,6 +39,7 @@ when every rank REPORTED it.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -78,7 +79,9 @@ class ProofResult:
 
     def summary(self) -> str:
         proved = sum(o.proved for o in self.obligations)
-        lines = [f"{'PROVED' if self.ok else 'FAILED'}: {proved}/{len(self.obligations)} obligations, {self.seconds:.2f} s"]
+        lines = [
+            f"{'PROVED' if self.ok else 'FAILED'}: {proved}/{len(self.obligations)} obligations, {self.seconds:.2f} s"
+        ]
         lines += [f"  not proved: {o.name}: {o.detail}" for o in self.failures]
         return "\n".join(lines)
 
@@ -138,22 +141,24 @@ class Frame:
 
     @staticmethod
     def fresh(prefix: str, sorts: _Sorts) -> Frame:
-        I, B = z3.IntSort(), z3.BoolSort()
+        Int, Bool = z3.IntSort(), z3.BoolSort()
         return Frame(
-            issued=z3.Array(f"{prefix}issued", I, I),
-            turn=z3.Array(f"{prefix}turn", I, I),
-            st=z3.Array(f"{prefix}st", I, I, sorts.sort),
-            holds=z3.Array(f"{prefix}holds", I, I, B),
+            issued=z3.Array(f"{prefix}issued", Int, Int),
+            turn=z3.Array(f"{prefix}turn", Int, Int),
+            st=z3.Array(f"{prefix}st", Int, Int, sorts.sort),
+            holds=z3.Array(f"{prefix}holds", Int, Int, Bool),
             D=z3.Int(f"{prefix}D"),
-            committed=z3.Array(f"{prefix}committed", I, B),
-            witness=z3.Array(f"{prefix}witness", I, I),
+            committed=z3.Array(f"{prefix}committed", Int, Bool),
+            witness=z3.Array(f"{prefix}witness", Int, Int),
             bad=z3.Bool(f"{prefix}bad"),
         )
 
     def replace(self, **changes: object) -> Frame:
-        values = {name: getattr(self, name) for name in ("issued", "turn", "st", "holds", "D", "committed", "witness", "bad")}
+        values = {
+            name: getattr(self, name) for name in ("issued", "turn", "st", "holds", "D", "committed", "witness", "bad")
+        }
         values.update(changes)
-        return Frame(**values)  # type: ignore[arg-type]
+        return Frame(**values)
 
     def equal(self, other: Frame) -> z3.BoolRef:
         return z3.And(
@@ -282,16 +287,16 @@ class _Model:
         ]
 
     def initial(self, f: Frame) -> z3.BoolRef:
-        I = z3.IntSort()
+        Int = z3.IntSort()
         a, b = z3.Ints("a b")
         return z3.And(
             self.sizes(),
-            f.issued == z3.K(I, z3.IntVal(0)),
-            f.turn == z3.K(I, z3.IntVal(0)),
+            f.issued == z3.K(Int, z3.IntVal(0)),
+            f.turn == z3.K(Int, z3.IntVal(0)),
             f.st == z3.Lambda([a, b], self.sorts.of[ReportState.PENDING]),
             f.holds == z3.Lambda([a, b], z3.BoolVal(False)),
             f.D == 0,
-            f.committed == z3.K(I, z3.BoolVal(False)),
+            f.committed == z3.K(Int, z3.BoolVal(False)),
             z3.Not(f.bad),
         )
 
@@ -299,6 +304,10 @@ class _Model:
         return z3.And(self.all_ranks(lambda r: z3.And(f.issued[r] == self.N, f.turn[r] == self.N)), f.D == self.N)
 
     # -- the steps ---------------------------------------------------------------------------
+
+    def _holds_state(self, f: Frame, r: z3.ArithRef, i: z3.ArithRef, state: ReportState) -> z3.BoolRef:
+        """Report (r, i) exists and is in ``state``."""
+        return z3.And(0 <= i, i < f.issued[r], f.st[r, i] == self.sorts.of[state])
 
     def _enter(self, f: Frame, r: z3.ArithRef, i: z3.ArithRef, row: Transition) -> Frame:
         """Record ``row`` for report (r, i); ``bad`` is set when the real code would refuse."""
@@ -330,8 +339,8 @@ class _Model:
             steps.append(
                 _Step(
                     f"{source.name} --{event.name}--> {row.target.name}",
-                    lambda f, r, i, source=source: z3.And(0 <= i, i < f.issued[r], f.st[r, i] == S[source]),
-                    lambda f, r, i, row=row: self._enter(f, r, i, row),
+                    functools.partial(self._holds_state, state=source),
+                    functools.partial(self._enter, row=row),
                     progress=event not in FAILURE_EVENTS,
                 )
             )
@@ -368,7 +377,11 @@ class _Model:
             return z3.And(r == 0, i == f.D, f.D < self.N, self.all_ranks(lambda q: f.turn[q] > f.D))
 
         def decide_post(f: Frame, r: z3.ArithRef, i: z3.ArithRef) -> Frame:
-            return f.replace(D=f.D + 1, committed=z3.Store(f.committed, f.D, self._choice_commit), witness=z3.Store(f.witness, f.D, self._choice_witness))
+            return f.replace(
+                D=f.D + 1,
+                committed=z3.Store(f.committed, f.D, self._choice_commit),
+                witness=z3.Store(f.witness, f.D, self._choice_witness),
+            )
 
         def decide_choice(f: Frame) -> z3.BoolRef:
             reported = S[ReportState.REPORTED]
@@ -428,7 +441,9 @@ class _Queries:
         return _Queries(model, pre, [c for _, c in model.invariant(pre)], steps, posts)
 
 
-def _check(queries: tuple[_Queries, _Queries], goal: Callable[[_Queries], list[z3.BoolRef]], timeout_ms: int) -> tuple[bool, str]:
+def _check(
+    queries: tuple[_Queries, _Queries], goal: Callable[[_Queries], list[z3.BoolRef]], timeout_ms: int
+) -> tuple[bool, str]:
     """True when ``goal`` is unsatisfiable for every W and N; else a counterexample or a reason."""
     small, full = queries
     solver = z3.Solver()
@@ -499,7 +514,7 @@ def _obligations(table: Table, timeout_ms: int) -> Iterator[Obligation]:
             yield Obligation(f"consecution: {step.name} keeps '{name}'", proved, detail)
 
     def progress(q: _Queries) -> list[z3.BoolRef]:
-        stuck = [z3.Not(q.model.some(lambda r, i, s=s: s.guard(q.pre, r, i))) for s in q.steps if s.progress]
+        stuck = [z3.Not(q.model.some(functools.partial(s.guard, q.pre))) for s in q.steps if s.progress]
         return [*q.invariant_pre, z3.Not(q.model.final(q.pre)), *stuck]
 
     proved, detail = _check(queries, progress, timeout_ms)

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import enum
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -286,17 +286,19 @@ def successors(state: ModelState, bounds: Bounds, core: Core) -> list[Step]:
             blocked = _thread_blocked(view, lc, core)
             if issued < bounds.reports and not blocked and lc.can_accept():
                 for kind in bounds.kinds:
-                    steps.append(_run(state, bounds, core, f"rank {r}: report {issued} ({kind.value})", r, "accept", kind))
+                    steps.append(
+                        _run(state, bounds, core, f"rank {r}: report {issued} ({kind.value})", r, "accept", kind)
+                    )
             if issued == bounds.reports and not blocked and all(s in _TASK_DONE for s in lc.states):
                 steps.append(_run(state, bounds, core, f"rank {r}: training done, nursery exits", r, "finish", None))
             for index, current in enumerate(lc.states):
-                kind = view.kinds[index]
-                if kind is None:
+                report_kind = view.kinds[index]
+                if report_kind is None:
                     continue
                 for (source, event), _row in table.items():
                     if source is not current or event is Event.TURN_REACHED:
                         continue
-                    for label, outcome in _event_guards(event, kind, view, index, bounds, current):
+                    for label, outcome in _event_guards(event, report_kind, view, index, bounds, current):
                         steps.append(
                             _run(state, bounds, core, f"rank {r}: report {index} {label}", r, outcome, (index, event))
                         )
@@ -467,9 +469,7 @@ def check_state(state: ModelState, bounds: Bounds, core: Core) -> str | None:
     if is_final(state):
         if state.decisions != bounds.reports:
             return f"the run finished with {state.decisions} of {bounds.reports} indices decided"
-        expected = tuple(
-            i for i in range(bounds.reports) if all(lc.state(i) is S.REPORTED for lc in lifecycles)
-        )
+        expected = tuple(i for i in range(bounds.reports) if all(lc.state(i) is S.REPORTED for lc in lifecycles))
         if state.written != expected:
             return f"the run finished with commits {list(state.written)}, expected {list(expected)}"
     return None

@@ -57,8 +57,8 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Any, memory_url: str) 
 # Hypothesis profiles. "ci" (the default) keeps Hypothesis's 100 examples per test; the tests of
 # issue #3 scale from it (the lifecycle state machine runs 10x, about 1,000 examples, the runtime
 # scenarios about 1.5x). HYPOTHESIS_PROFILE=thorough runs ten times as many everywhere.
-from hypothesis import HealthCheck
-from hypothesis import settings as hypothesis_settings
+from hypothesis import HealthCheck  # noqa: E402 - appended section
+from hypothesis import settings as hypothesis_settings  # noqa: E402
 
 hypothesis_settings.register_profile(
     "ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
