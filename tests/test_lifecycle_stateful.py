@@ -257,11 +257,13 @@ class LifecycleMachine(RuleBasedStateMachine):
         assert len(self.decisions) == decided_all == self.ledger.next_decision
 
 
+#: Ten times the profile's example count: 1,000 in CI, 10,000 with HYPOTHESIS_PROFILE=thorough.
+STATEFUL_EXAMPLES = 10 * settings().max_examples
+
 TestLifecycleMachine = LifecycleMachine.TestCase
-# Ten times the profile's example count: 1,000 in CI, 10,000 with HYPOTHESIS_PROFILE=thorough.
-TestLifecycleMachine.settings = settings(
-    max_examples=10 * settings().max_examples, stateful_step_count=40, deadline=None
-)
+TestLifecycleMachine.settings = settings(max_examples=STATEFUL_EXAMPLES, stateful_step_count=40, deadline=None)
+# The time limit covers all examples together (a few tens of milliseconds each).
+TestLifecycleMachine.pytestmark = [pytest.mark.timeout(120 + STATEFUL_EXAMPLES // 10)]
 
 
 # -- regression tests: the explorer's shortest counterexamples, replayed on the real core -------------

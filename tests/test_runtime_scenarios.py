@@ -32,6 +32,7 @@ from __future__ import annotations
 import os
 import posixpath
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -52,11 +53,51 @@ POISON_READ = "poison_read"
 KINDS = ("SYNC", "ASYNC", "NO_UPLOAD", "METRICS")
 
 
+class LockedStore(dict[str, Any]):
+    """The file table of :class:`FlakyMemoryFileSystem`, safe for the library's I/O threads.
+
+    fsspec's memory file system is not thread-safe: ``find`` iterates its store while another
+    thread adds a file, and fails with "dictionary changed size during iteration" (the thorough
+    profile hit it in a commit and in a NO_UPLOAD registration, running concurrently with an
+    upload). The library does its blocking I/O in several threads, so the test store takes a
+    lock and hands out snapshots.
+    """
+
+    lock = threading.RLock()
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        with self.lock:
+            super().__setitem__(key, value)
+
+    def __delitem__(self, key: str) -> None:
+        with self.lock:
+            super().__delitem__(key)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        with self.lock:
+            return super().pop(key, *default)
+
+    def items(self) -> Any:
+        with self.lock:
+            return list(super().items())
+
+    def keys(self) -> Any:
+        with self.lock:
+            return list(super().keys())
+
+    def values(self) -> Any:
+        with self.lock:
+            return list(super().values())
+
+    def __iter__(self) -> Any:
+        return iter(self.keys())
+
+
 class FlakyMemoryFileSystem(MemoryFileSystem):  # type: ignore[misc]
     """An in-memory file system that refuses to write or read the files it is told to."""
 
     protocol = "flakymem"
-    store: dict[str, Any] = {}  # noqa: RUF012 - fsspec's own convention: one store per class
+    store: dict[str, Any] = LockedStore()
     pseudo_dirs = [""]  # noqa: RUF012
 
     @classmethod
@@ -215,8 +256,13 @@ def check_scenario(scenario: Scenario, result: sm.Result, recorder: Recorder, st
         assert result.checkpoint is None
 
 
-# About 150 examples in CI (1.5x the profile), 1,500 with HYPOTHESIS_PROFILE=thorough.
-@settings(max_examples=settings().max_examples * 3 // 2, deadline=None)
+#: About 150 examples in CI (1.5x the profile), 1,500 with HYPOTHESIS_PROFILE=thorough.
+RUNTIME_EXAMPLES = settings().max_examples * 3 // 2
+
+
+# The time limit covers all examples of the test together (each takes well under a second).
+@pytest.mark.timeout(120 + RUNTIME_EXAMPLES)
+@settings(max_examples=RUNTIME_EXAMPLES, deadline=None)
 @given(scenario=scenarios(), _random=st.random_module())
 def test_generated_runs_deliver_in_order_and_commit_only_complete_indices(scenario: Scenario, _random: Any) -> None:
     result, recorder, storage = run_scenario(scenario)
