@@ -263,7 +263,7 @@ STATEFUL_EXAMPLES = 10 * settings().max_examples
 TestLifecycleMachine = LifecycleMachine.TestCase
 TestLifecycleMachine.settings = settings(max_examples=STATEFUL_EXAMPLES, stateful_step_count=40, deadline=None)
 # The time limit covers all examples together (a few tens of milliseconds each).
-TestLifecycleMachine.pytestmark = [pytest.mark.timeout(120 + STATEFUL_EXAMPLES // 10)]
+TestLifecycleMachine.pytestmark = [pytest.mark.timeout(120 + STATEFUL_EXAMPLES // 10)]  # type: ignore[attr-defined]
 
 
 # -- regression tests: the explorer's shortest counterexamples, replayed on the real core -------------
