@@ -1,0 +1,1 @@
+"""Machine-checked arguments about the real lifecycle core (see proofs/README.md)."""

@@ -286,6 +286,11 @@ def plan_of(*ranks: str) -> tuple[tuple[tuple[str, bool], ...], ...]:
         ),
         pytest.param(plan_of("N! S", "A N"), 2, 2, id="failed NO_UPLOAD registration takes its turn"),
         pytest.param(plan_of("A A A A A"), 2, None, id="one rank with many ASYNC uploads hands off in order"),
+        # Found by the thorough profile: a commit's clean-up and a NO_UPLOAD registration ran
+        # while another thread wrote an upload, and fsspec's memory store failed with
+        # "dictionary changed size during iteration" (see LockedStore).
+        pytest.param(plan_of("N M S A M", "A A M N M"), 2, None, id="commit clean-up while another rank uploads"),
+        pytest.param(plan_of("N A", "M M", "N A"), 1, 2, id="registration while another rank uploads"),
     ],
 )
 def test_named_scenarios_deliver_in_order_and_commit_only_complete_indices(
