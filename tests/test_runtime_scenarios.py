@@ -14,13 +14,15 @@ training function puts such files into the checkpoints chosen to fail. Nothing i
 patched.
 
 Clock. DESIGN.md asks for trio's ``MockClock(autojump_threshold=0)``, but that clock jumps to
-the next deadline whenever every trio task is blocked, and a task waiting for
-``trio.to_thread.run_sync`` counts as blocked: while a thread copies a checkpoint, the mock clock
-would fire the ``fail_after`` deadline (and any per-attempt timeout) at once. We checked that it
-does. So the scenarios use :class:`statemachine.testing.ThreadAwareClock`, which jumps exactly
-like ``MockClock(autojump_threshold=0)`` when no library thread is busy, and lets virtual time
-run at real speed while one is. A deadlock (nothing runs, nothing can) still meets the deadline
-immediately.
+the next deadline whenever trio thinks every task is blocked, and a task waiting for a thread
+started with ``abandon_on_cancel=True`` counts as blocked. We checked it on trio 0.35:
+``with trio.fail_after(30): await trio.to_thread.run_sync(time.sleep, 0.5, abandon_on_cancel=True)``
+raises ``TooSlowError`` under that clock. The library runs every training function in such a
+thread, so under ``MockClock`` a scenario's deadline would fire while a rank is still training.
+The scenarios therefore use :class:`statemachine.testing.ThreadAwareClock`, which behaves like
+``MockClock(autojump_threshold=0)`` when no library thread is busy (it jumps straight to the next
+deadline) and lets virtual time run at real speed while one is. A deadlock (nothing runs, nothing
+can) still meets the deadline at once as ``TooSlowError``.
 
 Scheduling. ``st.random_module()`` seeds Python's ``random`` and every ``Random`` registered
 with Hypothesis; trio registers the one its scheduler uses to shuffle each batch of runnable
