@@ -61,6 +61,7 @@ __all__ = [
     "RankView",
     "Step",
     "Violation",
+    "canonical",
     "check_state",
     "freeze",
     "initial_state",
