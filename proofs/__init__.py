@@ -1,1 +1,1 @@
-"""Machine-checked arguments about the report lifecycle (see proofs/README.md)."""
+"""Machine-checked arguments about the real lifecycle core (see proofs/README.md)."""

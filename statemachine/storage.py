@@ -654,6 +654,11 @@ class RunStorage:
             return None
         return CommittedCheckpoint.from_json(data)
 
+    def open_checkpoint(self, url: str) -> Checkpoint:
+        """A checkpoint URL of this storage, opened in the run's own file system so that it keeps
+        the storage options (an S3 endpoint, credentials) that a bare URL would lose."""
+        return Checkpoint(self.fs._strip_protocol(url), self.fs)
+
     def checkpoint(self, committed: CommittedCheckpoint) -> Checkpoint:
         return Checkpoint(self.path(committed.path), self.fs)
 

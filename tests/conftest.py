@@ -52,3 +52,18 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Any, memory_url: str) 
     if request.param == "file":
         return f"file://{os.path.join(str(tmp_path), 'storage')}"
     return memory_url
+
+
+# Hypothesis profiles. "ci" (the default) keeps Hypothesis's 100 examples per test; the tests of
+# issue #3 scale from it (the lifecycle state machine runs 10x, about 1,000 examples, the runtime
+# scenarios about 1.5x). HYPOTHESIS_PROFILE=thorough runs ten times as many everywhere.
+from hypothesis import HealthCheck  # noqa: E402 - appended section
+from hypothesis import settings as hypothesis_settings  # noqa: E402
+
+hypothesis_settings.register_profile(
+    "ci", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.register_profile(
+    "thorough", max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

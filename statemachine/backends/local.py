@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import trio
 
-from ..checkpoint import Checkpoint
 from ..controller import Controller
 from ..rank import RankRuntime
 from ..result import ReportInfo
@@ -22,11 +21,7 @@ class LocalBackend:
 
     async def run(self, plan: RunPlan, controller: Controller) -> None:
         storage = RunStorage(plan.storage_path, plan.name, plan.storage_options)
-        start = None
-        if plan.start_checkpoint:
-            # Opened in the run's own file system, so that it keeps the storage options (an S3
-            # endpoint, credentials) that a bare URL would lose.
-            start = Checkpoint(storage.fs._strip_protocol(plan.start_checkpoint), storage.fs)
+        start = storage.open_checkpoint(plan.start_checkpoint) if plan.start_checkpoint else None
         protected = (storage.root,) if storage.is_local else ()
         self.ranks = [
             RankRuntime(

@@ -62,7 +62,6 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .. import _threads
-from ..checkpoint import Checkpoint
 from ..config import UploadConfig
 from ..controller import Controller, RunFailure
 from ..rank import HandOffMessage, RankRuntime
@@ -251,7 +250,7 @@ class RankActor:
             upload=spec.upload,
             first_index=spec.first_index,
             sink=self,
-            start_checkpoint=Checkpoint(spec.start_checkpoint) if spec.start_checkpoint else None,
+            start_checkpoint=storage.open_checkpoint(spec.start_checkpoint) if spec.start_checkpoint else None,
             protected_dirs=(storage.root,) if storage.is_local else (),
         )
         with self._lock:
