@@ -41,7 +41,6 @@ from typing import Any
 
 import fsspec
 import pytest
-from conftest import run_trio
 from fsspec.implementations.memory import MemoryFileSystem
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -49,6 +48,7 @@ from hypothesis import strategies as st
 import statemachine as sm
 from statemachine.lifecycle import ReportState
 from statemachine.storage import CommittedCheckpoint, RunStorage, checkpoint_dir_name
+from tests.conftest import run_trio
 
 POISON_WRITE = "poison_write"
 POISON_READ = "poison_read"
