@@ -82,6 +82,8 @@ class Controller:
         #: Folders (relative to the run folder) that retention deleted in this attempt.
         self.deleted: list[str] = []
         self._waiting: dict[int, list[HandOffMessage]] = {}
+        #: Commits written whose retention, run state and announcement are due (see _settle).
+        self._unsettled: list[CommittedCheckpoint] = []
         self._send, self._receive = trio.open_memory_channel[_Commit](math.inf)
 
     # -- RankSink ---------------------------------------------------------------------------
@@ -160,17 +162,23 @@ class Controller:
         async with self._receive:
             async for commit in self._receive:
                 decision = commit.decision
-                if not decision.committed:
-                    logger.warning(
-                        "report %d not committed: ranks %s failed", decision.index, list(decision.failed_ranks)
-                    )
-                    continue
                 try:
-                    await self._commit(decision.index, commit.messages)
+                    if decision.committed:
+                        await self._commit(decision.index, commit.messages)
+                    else:
+                        logger.warning(
+                            "report %d not committed: ranks %s failed", decision.index, list(decision.failed_ranks)
+                        )
+                    if self._receive.statistics().current_buffer_used == 0:
+                        await self._settle()
                 except Exception as error:  # noqa: BLE001 - a storage error ends the run clearly
                     self.fail(
                         RunFailure(f"commit of report {decision.index} failed: {error!r}", error, None, decision.index)
                     )
+            try:
+                await self._settle()  # commits written before a failed one
+            except Exception as error:  # noqa: BLE001
+                self.fail(RunFailure(f"writing the run state failed: {error!r}", error))
 
     async def _commit(self, index: int, messages: list[HandOffMessage]) -> None:
         metrics = next((m.metrics for m in messages if m.rank == 0), messages[0].metrics)
@@ -190,18 +198,32 @@ class Controller:
             committed = CommittedCheckpoint(index, folders[0], metrics, parts)
             await _threads.run_in_thread(self.storage.commit, committed)
             self.checkpoints.append(committed)
-            # The run state names only the kept set and is written before anything is deleted,
-            # so a crash in between leaves extra folders (removed at a later commit), never a
-            # run state that names a deleted checkpoint.
-            plan = plan_retention(self.checkpoints, self.checkpoint_config, self._folders_in_flight())
-            self.checkpoints = list(plan.keep)
-            await _threads.run_in_thread(self.storage.write_run_state, self.run_state())
+            self._unsettled.append(committed)
             logger.info("committed %s (report %d, ranks %s)", committed.path, index, [p.rank for p in parts])
-            self._emit("on_commit", committed)
-            if plan.delete:
-                await _threads.run_in_thread(self._delete, [c.path for c in plan.delete])
         self.committed_indices.append(index)
         self.last_metrics = metrics
+
+    async def _settle(self) -> None:
+        """Apply retention and write the run state, once for all the commits written since.
+
+        Called whenever no decided commit is waiting; ``on_commit`` callbacks hear of each commit
+        here, once the run state names it. The markers are the truth (a resume scans
+        them), so the run state may lag a commit or two; writing it once per batch instead of
+        once per commit keeps the commit queue from growing when reports come faster than a
+        growing run state can be rewritten. The run state names only the kept set and is written
+        before anything is deleted, so a crash in between leaves extra folders (removed at a
+        later commit), never a run state that names a deleted checkpoint.
+        """
+        if not self._unsettled:
+            return
+        written, self._unsettled = self._unsettled, []
+        plan = plan_retention(self.checkpoints, self.checkpoint_config, self._folders_in_flight())
+        self.checkpoints = list(plan.keep)
+        await _threads.run_in_thread(self.storage.write_run_state, self.run_state())
+        for committed in written:
+            self._emit("on_commit", committed)
+        if plan.delete:
+            await _threads.run_in_thread(self._delete, [c.path for c in plan.delete])
 
     def _folders_in_flight(self) -> set[str]:
         return {m.checkpoint_dir for ms in self._waiting.values() for m in ms if m.checkpoint_dir is not None}
