@@ -207,7 +207,8 @@ class Controller:
         """Apply retention and write the run state, once for all the commits written since.
 
         Called whenever no decided commit is waiting; ``on_commit`` callbacks hear of each commit
-        here, once the run state names it. The markers are the truth (a resume scans
+        of the batch here, in order, after the batch's run state is written and before retention
+        deletes anything. The markers are the truth (a resume scans
         them), so the run state may lag a commit or two; writing it once per batch instead of
         once per commit keeps the commit queue from growing when reports come faster than a
         growing run state can be rewritten. The run state names only the kept set and is written
