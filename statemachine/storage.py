@@ -587,18 +587,20 @@ class RunStorage:
             raise FileNotFoundError(f"NO_UPLOAD checkpoint folder {self.url(part_relpath)} does not exist")
         entries: list[FileEntry] = []
         for path in sorted(self.fs.find(base)):
-            relative = path[len(base) :].lstrip("/")
-            if self.is_local:
-                entries.append(FileEntry(relative, *file_crc32(path)))  # no 8 MiB buffer per read
-                continue
-            crc = 0
-            size = 0
-            with self.fs.open(path, "rb") as handle:
-                while chunk := handle.read(CHUNK_SIZE):
-                    crc = zlib.crc32(chunk, crc)
-                    size += len(chunk)
-            entries.append(FileEntry(relative, size, _crc_hex(crc)))
+            entries.append(FileEntry(path[len(base) :].lstrip("/"), *self.file_crc32(path)))
         return PartManifest(rank, part_relpath, tuple(entries))
+
+    def file_crc32(self, path: str) -> tuple[int, str]:
+        """Size and CRC-32 (hex) of a file in this storage, read once."""
+        if self.is_local:
+            return file_crc32(path)  # mmap: no 8 MiB buffer per read
+        crc = 0
+        size = 0
+        with self.fs.open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK_SIZE):
+                crc = zlib.crc32(chunk, crc)
+                size += len(chunk)
+        return size, _crc_hex(crc)
 
     # -- commit --------------------------------------------------------------------------
 

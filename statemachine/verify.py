@@ -19,11 +19,10 @@ the checkpoint invalid: a rank may legitimately leave a log next to its files.
 from __future__ import annotations
 
 import posixpath
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .storage import CHUNK_SIZE, MARKER_NAME, STAGING_NAME, CommittedCheckpoint, RunStorage
+from .storage import MARKER_NAME, STAGING_NAME, CommittedCheckpoint, RunStorage
 
 __all__ = ["Verification", "verify_checkpoint"]
 
@@ -86,7 +85,7 @@ def verify_checkpoint(storage: RunStorage, checkpoint: CommittedCheckpoint, deep
                 result.problems.append(f"{where} has {size} bytes, the manifest says {entry.size}")
                 continue
             if deep:
-                crc = _crc32(storage, storage.path(relative))
+                _, crc = storage.file_crc32(storage.path(relative))
                 if crc != entry.crc32:
                     result.problems.append(f"{where} has CRC-32 {crc}, the manifest says {entry.crc32}")
     own = posixpath.normpath(checkpoint.path)
@@ -121,11 +120,3 @@ def _list_sizes(storage: RunStorage, relative: str) -> dict[str, int | None]:
         size = info.get("size")
         sizes[posixpath.normpath(path)[len(run_root) + 1 :]] = int(size) if size is not None else None
     return sizes
-
-
-def _crc32(storage: RunStorage, path: str) -> str:
-    crc = 0
-    with storage.fs.open(path, "rb") as handle:
-        while chunk := handle.read(CHUNK_SIZE):
-            crc = zlib.crc32(chunk, crc)
-    return f"{crc & 0xFFFFFFFF:08x}"
