@@ -48,7 +48,7 @@ import pickle
 import queue
 import threading
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +62,6 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .. import _threads
-from ..config import UploadConfig
 from ..controller import Controller, RunFailure
 from ..rank import HandOffMessage, RankRuntime
 from ..result import ReportInfo
@@ -141,22 +140,6 @@ class _Finished:
 _RankEvent = _HandedOff | _ReportFailed | _Finished
 
 
-@dataclass(frozen=True, slots=True)
-class _RankSpec:
-    """What an actor needs to build its rank's runtime (pickled once, at actor creation)."""
-
-    rank: int
-    world_size: int
-    storage_path: str
-    name: str
-    storage_options: Mapping[str, Any]
-    upload: UploadConfig
-    first_index: int
-    start_checkpoint: str | None
-    train_fn: Callable[..., Any]
-    config: Mapping[str, Any] | None
-
-
 def _portable_reports(infos: list[ReportInfo], rank: int) -> list[ReportInfo]:
     return [dataclasses.replace(info, error=portable_error(info.error, rank)) if info.error else info for info in infos]
 
@@ -164,8 +147,9 @@ def _portable_reports(infos: list[ReportInfo], rank: int) -> list[ReportInfo]:
 class RankActor:
     """The body of one rank's Ray actor: a :class:`RankRuntime` in a trio run of its own thread."""
 
-    def __init__(self, spec: _RankSpec) -> None:
-        self.spec = spec
+    def __init__(self, plan: RunPlan, rank: int) -> None:
+        self.plan = plan
+        self.rank = rank
         self._events: queue.Queue[_RankEvent] = queue.Queue()
         self._lock = threading.Lock()
         self._runtime: RankRuntime | None = None
@@ -178,7 +162,7 @@ class RankActor:
     def start(self) -> int:
         """Start the rank; return the actor's process id (for logs)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._main, name=f"statemachine-rank-{self.spec.rank}", daemon=True)
+            self._thread = threading.Thread(target=self._main, name=f"statemachine-rank-{self.rank}", daemon=True)
             self._thread.start()
         return os.getpid()
 
@@ -218,7 +202,7 @@ class RankActor:
             infos = trio.from_thread.run_sync(runtime.report_infos, trio_token=token) if token else []
         except trio.RunFinishedError:
             infos = runtime.report_infos()
-        return _portable_reports(infos, self.spec.rank)
+        return _portable_reports(infos, self.rank)
 
     # -- RankSink: called inside the actor's trio run ----------------------------------------
 
@@ -238,19 +222,19 @@ class RankActor:
         try:
             trio.run(self._run)
         except BaseException as error:  # noqa: BLE001 - the driver must hear about any crash
-            self._events.put(_Finished(portable_error(error, self.spec.rank), []))
+            self._events.put(_Finished(portable_error(error, self.rank), []))
 
     async def _run(self) -> None:
-        spec = self.spec
-        storage = RunStorage(spec.storage_path, spec.name, spec.storage_options)
+        plan = self.plan
+        storage = RunStorage(plan.storage_path, plan.name, plan.storage_options)
         runtime = RankRuntime(
-            rank=spec.rank,
-            world_size=spec.world_size,
+            rank=self.rank,
+            world_size=plan.world_size,
             storage=storage,
-            upload=spec.upload,
-            first_index=spec.first_index,
+            upload=plan.upload,
+            first_index=plan.first_index,
             sink=self,
-            start_checkpoint=storage.open_checkpoint(spec.start_checkpoint) if spec.start_checkpoint else None,
+            start_checkpoint=storage.open_checkpoint(plan.start_checkpoint) if plan.start_checkpoint else None,
             protected_dirs=(storage.root,) if storage.is_local else (),
         )
         with self._lock:
@@ -258,9 +242,9 @@ class RankActor:
             self._token = trio.lowlevel.current_trio_token()
             if self._abort is not None:
                 runtime.abort(self._abort)
-        await runtime.run(spec.train_fn, spec.config)
-        error = portable_error(runtime.training_error, spec.rank)
-        self._events.put(_Finished(error, _portable_reports(runtime.report_infos(), spec.rank)))
+        await runtime.run(plan.train_fn, plan.config)
+        error = portable_error(runtime.training_error, self.rank)
+        self._events.put(_Finished(error, _portable_reports(runtime.report_infos(), self.rank)))
 
 
 # -- the driver side -----------------------------------------------------------------------
@@ -368,19 +352,10 @@ class RayBackend:
         storage_path = _absolute_storage_path(plan.storage_path, plan.storage_options)
         custom = {key: value for key, value in bundle.items() if key not in ("CPU", "GPU")}
         actor_class = ray.remote(RankActor)
+        # What every actor gets, pickled once per actor at creation: the plan with a storage
+        # path that means the same in every process.
+        shipped = dataclasses.replace(plan, storage_path=storage_path, storage_options=dict(plan.storage_options))
         for rank in range(plan.world_size):
-            spec = _RankSpec(
-                rank=rank,
-                world_size=plan.world_size,
-                storage_path=storage_path,
-                name=plan.name,
-                storage_options=dict(plan.storage_options),
-                upload=plan.upload,
-                first_index=plan.first_index,
-                start_checkpoint=plan.start_checkpoint,
-                train_fn=plan.train_fn,
-                config=plan.config,
-            )
             actor: Any = actor_class.options(
                 num_cpus=bundle.get("CPU", 0.0),
                 num_gpus=bundle.get("GPU", 0.0),
@@ -389,7 +364,7 @@ class RayBackend:
                 max_restarts=0,
                 name=None,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-            ).remote(spec)
+            ).remote(shipped, rank)
             self.actors.append(actor)
             if self._abort_message is not None:
                 actor.abort.remote(self._abort_message)
