@@ -57,6 +57,7 @@ from .storage import (
     LinkStats,
     PartManifest,
     RunStorage,
+    SnapshotFolders,
     checkpoint_dir_name,
     delete_local_directory,
     snapshot_directory,
@@ -106,6 +107,8 @@ class ReportRequest:
     registered_part: str | None = None
     #: Snapshot-time stats of hard-linked files, to catch a file rewritten in place.
     linked: LinkStats | None = None
+    #: ``upload_source`` is a snapshot folder taken from :class:`SnapshotFolders`.
+    snapshot: bool = False
     dir_name: str | None = None
     upload_fn: UploadFn | None = None
     #: What a custom upload function is given (the ASYNC snapshot when the checkpoint is local).
@@ -180,6 +183,8 @@ class RankRuntime:
         self._snapshot_root = os.path.join(
             tempfile.gettempdir(), "statemachine-snapshots", f"{os.getpid()}-{id(self):x}", f"rank_{rank}"
         )
+        self._snapshot_folders = SnapshotFolders(self._snapshot_root)
+        self._refilling = False
 
     # -- running ---------------------------------------------------------------------------
 
@@ -192,6 +197,7 @@ class RankRuntime:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                self._refill_snapshot_folders()  # the first ASYNC report should not wait either
                 try:
                     if inspect.iscoroutinefunction(train_fn):
                         await _call_train_fn_async(train_fn, config)
@@ -205,6 +211,7 @@ class RankRuntime:
         finally:
             self._nursery = None
             context.leave_rank(token)
+            self._snapshot_folders.discard()
             if not any(r.error for r in self.records):
                 # Failed uploads keep their snapshot (nothing is lost); otherwise it is all ours.
                 shutil.rmtree(self._snapshot_root, ignore_errors=True)
@@ -298,8 +305,9 @@ class RankRuntime:
         request.delete_local = request.delete_local and checkpoint.is_local
         if mode is CheckpointUploadMode.ASYNC and checkpoint.is_local:
             request.upload_source, request.linked = snapshot_directory(
-                checkpoint.path, self._snapshot_root, self.upload.snapshot
+                checkpoint.path, self._snapshot_root, self.upload.snapshot, self._snapshot_folders.take()
             )
+            request.snapshot = True
         else:
             request.upload_source = checkpoint.path
         if upload_fn is not None:
@@ -408,6 +416,8 @@ class RankRuntime:
         request = record.request
         assert request is not None
         ordinal = record.ordinal
+        if request.snapshot:
+            self._refill_snapshot_folders()
         try:
             if request.upload_source is None:
                 if request.registered_part is not None:
@@ -441,8 +451,11 @@ class RankRuntime:
                 record.timings["upload_s"],
                 record.part.bytes / 2**20 / max(record.timings["upload_s"], 1e-9),
             )
+            if request.snapshot or request.delete_local:
+                # Before the report counts as uploaded, so that a SYNC report() returns with its
+                # folder gone; in a thread, since removing files is blocking I/O.
+                await _threads.run_in_thread(self._clean_up_after_upload, request)
             self._apply(record, Event.UPLOAD_SUCCEEDED)
-            self._clean_up_after_upload(request)
         except trio.Cancelled as cancelled:
             if not self.lifecycle.state(ordinal).terminal:
                 self._fail(
@@ -452,6 +465,22 @@ class RankRuntime:
         except BaseException as error:  # noqa: BLE001 - registration errors included
             if not self.lifecycle.state(ordinal).terminal:
                 self._fail(record, error, Event.ABORTED)
+
+    def _refill_snapshot_folders(self) -> None:
+        """Have the next ASYNC snapshots' folders made in a thread, outside ``report()``."""
+        if self._refilling or self._nursery is None or not self._snapshot_folders.needs_refill():
+            return
+        self._refilling = True
+
+        async def refill() -> None:
+            try:
+                await _threads.run_in_thread(self._snapshot_folders.refill)
+            except OSError as error:  # report() makes its own folder then, and fails if it cannot
+                logger.warning("rank %d: cannot make snapshot folders ahead: %r", self.rank, error)
+            finally:
+                self._refilling = False
+
+        self._nursery.start_soon(refill)
 
     async def _upload(self, record: _Record, request: ReportRequest) -> PartManifest:
         assert request.upload_source is not None and record.checkpoint_dir is not None
@@ -472,9 +501,13 @@ class RankRuntime:
         return await upload_report(job, record.timings)
 
     def _clean_up_after_upload(self, request: ReportRequest) -> None:
-        """Drop the snapshot, and the caller's folder when asked; only after a good upload."""
-        if request.upload_source is not None and request.upload_source != request.original_dir:
-            shutil.rmtree(request.upload_source, ignore_errors=True)
+        """Recycle the snapshot folder, and drop the caller's folder when asked; only after a good
+        upload. Blocking: runs in a thread."""
+        if request.snapshot and request.upload_source is not None:
+            try:
+                self._snapshot_folders.recycle(request.upload_source)
+            except OSError:
+                shutil.rmtree(request.upload_source, ignore_errors=True)
         if request.delete_local and request.original_dir is not None and os.path.isdir(request.original_dir):
             if not delete_local_directory(request.original_dir, self.protected_dirs):
                 logger.warning("rank %d: not deleting protected folder %s", self.rank, request.original_dir)
