@@ -345,9 +345,11 @@ class SnapshotFolders:
     folder made earlier (in a worker thread) and makes one itself only when none is left.
     """
 
-    def __init__(self, root: str, spare: int = 2) -> None:
+    def __init__(self, root: str, spare: int = 2, keep: int = 4) -> None:
         self.root = root
+        #: How many folders :meth:`refill` makes ready; :meth:`recycle` keeps up to ``keep``.
         self.spare = spare
+        self.keep = max(keep, spare)
         self._ready: list[str] = []
         self._lock = threading.Lock()
 
@@ -360,11 +362,12 @@ class SnapshotFolders:
         return path
 
     def needs_refill(self) -> bool:
-        return len(self._ready) < self.spare
+        """No folder is ready (recycled folders come back; a refill is for when they do not keep up)."""
+        return not self._ready
 
     def refill(self) -> None:
         """Make folders until ``spare`` are ready (blocking: call it in a thread)."""
-        while self.needs_refill():
+        while len(self._ready) < self.spare:
             path = os.path.join(self.root, uuid.uuid4().hex)
             os.makedirs(path)
             with self._lock:
@@ -380,7 +383,7 @@ class SnapshotFolders:
                 else:
                     os.unlink(entry.path)
         with self._lock:
-            if len(self._ready) < self.spare:
+            if len(self._ready) < self.keep:
                 self._ready.append(path)
                 return
         os.rmdir(path)
@@ -576,6 +579,15 @@ class RunStorage:
 
     def _verify_sizes(self, staging: str, expected: Iterable[tuple[str, int]]) -> None:
         """Raise ``OSError`` if storage holds fewer bytes than were written (a short write)."""
+        if self.is_local:
+            # One stat per file; ``find`` walks the folder and builds an info dict per entry.
+            for relative, expected_size in expected:
+                path = posixpath.join(staging, relative)
+                stored = os.stat(path).st_size
+                if stored != expected_size:
+                    message = f"short write: storage holds {stored} of {expected_size} bytes"
+                    raise OSError(errno.EIO, message, self.fs.unstrip_protocol(path))
+            return
         listed = {path.rstrip("/"): info.get("size") for path, info in self.fs.find(staging, detail=True).items()}
         for relative, expected_size in expected:
             path = posixpath.join(staging, relative)

@@ -21,10 +21,13 @@ def test_bench_runs_every_section_on_local_storage_and_prints_consistent_json(
     tmp_path: object, capsys: pytest.CaptureFixture[str]
 ) -> None:
     storage = os.path.join(str(tmp_path), "storage")
-    code = main(["bench", "--storage", storage, "--sizes", "1", "--ranks", "1,2", "--reports", "20", "--json"])
+    code = main(
+        ["bench", "--storage", storage, "--sizes", "1", "--ranks", "1,2", "--reports", "20", "--step-ms", "1", "--json"]
+    )
 
     figures = json.loads(capsys.readouterr().out)
     assert code == 0
+    assert figures["step_ms"] == 1.0
     blocked = {(row["mode"], row["ranks"]): row for row in figures["blocked"]}
     assert set(blocked) == {(m, r) for m in ("SYNC", "ASYNC", "NO_UPLOAD", "metrics-only") for r in (1, 2)}
     assert blocked[("ASYNC", 2)]["reports"] == 40  # every report of every rank is counted

@@ -7,6 +7,7 @@ import tempfile
 import threading
 from typing import Any
 
+import fsspec
 import pytest
 import trio
 import trio.testing
@@ -301,3 +302,66 @@ def test_get_context_describes_the_rank(memory_url: str) -> None:
     )
     assert sorted(s[:3] for s in seen) == [(0, 2, "ctx"), (1, 2, "ctx")]
     assert all(s[3].endswith(f"/ctx/checkpoint_000000/rank_{s[0]}") for s in seen)
+
+
+def test_snapshot_folders_are_made_ahead_recycled_empty_and_discarded(tmp_path: Any) -> None:
+    from statemachine.storage import SnapshotFolders, snapshot_directory
+
+    folders = SnapshotFolders(str(tmp_path / "snaps"), spare=2, keep=3)
+    folders.refill()
+    ready = sorted(os.listdir(tmp_path / "snaps"))
+    assert len(ready) == 2 and not folders.needs_refill()
+
+    source = _write(str(tmp_path / "ckpt"), 0, 0)
+    os.makedirs(os.path.join(source, "nested"))
+    with open(os.path.join(source, "nested", "more.bin"), "wb") as handle:
+        handle.write(b"more")
+    target, linked = snapshot_directory(source, folders.root, "link", folders.take())
+    assert os.path.basename(target) in ready
+    assert sorted(linked) == ["data.bin", "nested/more.bin"]
+    assert open(os.path.join(target, "nested", "more.bin"), "rb").read() == b"more"
+
+    folders.recycle(target)  # emptied, nested folder included, and ready for the next snapshot
+    assert os.listdir(target) == []
+    assert os.path.exists(os.path.join(source, "nested", "more.bin"))  # the caller's files are untouched
+    taken = [folders.take(), folders.take()]
+    assert folders.needs_refill() and target in taken
+    taken += [folders.take(), folders.take()]  # none ready: made on the spot
+    for path in taken:
+        folders.recycle(path)
+    assert len(os.listdir(folders.root)) == 3  # beyond ``keep``, a recycled folder is removed
+    folders.discard()
+    assert os.listdir(folders.root) == []
+
+
+def test_async_snapshots_reuse_their_folders_and_leave_nothing_behind(memory_url: str) -> None:
+    sources: list[str] = []
+
+    def train_fn() -> None:
+        for step in range(6):
+            with tempfile.TemporaryDirectory() as local:
+                _write(local, 0, step)
+                sm.report({"step": step}, checkpoint=sm.Checkpoint.from_directory(local), checkpoint_upload_mode=SYNC)
+                sm.report({"step": step}, checkpoint=sm.Checkpoint.from_directory(local), checkpoint_upload_mode=ASYNC)
+
+    original = sm.rank.RankRuntime.prepare
+
+    def spy(self: Any, *args: Any) -> Any:
+        request = original(self, *args)
+        if request.snapshot:
+            sources.append(request.upload_source)
+        return request
+
+    sm.rank.RankRuntime.prepare = spy  # type: ignore[method-assign]
+    try:
+        result = run_trio(sm.Trainer(train_fn, run_config=sm.RunConfig(storage_path=memory_url, name="reuse")).fit_async)
+    finally:
+        sm.rank.RankRuntime.prepare = original  # type: ignore[method-assign]
+    assert result.committed_indices == list(range(12))
+    assert len(sources) == 6 and len(set(sources)) < 6  # each SYNC report lets the previous upload finish
+    assert not any(os.path.exists(path) for path in sources)  # removed when the rank ended
+    fs, root = fsspec.core.url_to_fs(f"{memory_url}/reuse")
+    for step in range(6):  # a reused folder holds this report's files and nothing else
+        part = f"{root}/checkpoint_{2 * step + 1:06d}/rank_0"
+        assert [p.rsplit("/", 1)[1] for p in fs.ls(part, detail=False)] == ["data.bin"]
+        assert fs.cat_file(f"{part}/data.bin") == payload(0, step)
