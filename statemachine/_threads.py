@@ -11,6 +11,10 @@ about threads (it does not, and jumps straight past a thread that is still copyi
 
 from __future__ import annotations
 
+import logging
+import os
+import queue
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -18,12 +22,18 @@ import trio
 
 T = TypeVar("T")
 
+logger = logging.getLogger("statemachine")
+
 _busy = 0
+#: Callbacks queued by :func:`post` that trio has not run yet (changed under ``_posting_lock``).
+_posting = 0
+_posting_lock = threading.Lock()
 
 
 def busy_threads() -> int:
-    """Threads doing work for a trio run of this process (not counting ones waiting on trio)."""
-    return _busy
+    """Threads doing work for a trio run of this process (not counting ones waiting on trio),
+    plus callbacks posted to trio that it has not run yet."""
+    return _busy + _posting
 
 
 async def run_in_thread(fn: Callable[..., T], *args: object, abandon_on_cancel: bool = False) -> T:
@@ -50,3 +60,73 @@ def call_from_thread(
             _busy += 1
 
     return trio.from_thread.run(counted, trio_token=trio_token)
+
+
+class _Poster:
+    """One daemon thread that hands callbacks over to trio for threads that must not wait.
+
+    ``TrioToken.run_sync_soon`` writes to trio's wake-up socket. The write releases the GIL, and
+    the trio thread it wakes usually takes the GIL and runs before the writer gets it back:
+    half a millisecond of an ASYNC ``report()`` on an idle machine here, and the whole of trio's
+    work on a busy one. ``queue.SimpleQueue.put`` wakes this thread without releasing the GIL,
+    so the caller returns at once and the write happens when it next lets go of the GIL.
+    Callbacks are handed over in the order they were posted.
+    """
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[
+            tuple[trio.lowlevel.TrioToken, Callable[[], None], Callable[[BaseException], None]]
+        ] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def post(
+        self, token: trio.lowlevel.TrioToken, fn: Callable[[], None], on_lost: Callable[[BaseException], None]
+    ) -> None:
+        global _posting
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    thread = threading.Thread(target=self._main, name="statemachine-poster", daemon=True)
+                    thread.start()
+                    self._thread = thread
+        with _posting_lock:
+            _posting += 1
+        self._queue.put((token, fn, on_lost))
+
+    def _main(self) -> None:
+        while True:
+            token, fn, on_lost = self._queue.get()
+            try:
+                token.run_sync_soon(fn)
+            except BaseException as error:  # noqa: BLE001 - the run ended: the owner must hear of it
+                posted_done()
+                try:
+                    on_lost(error)
+                except BaseException:  # never let the poster die
+                    logger.exception("statemachine: a posted callback could not be handed over")
+
+    def _after_fork(self) -> None:
+        self._thread = None
+        self._queue = queue.SimpleQueue()
+        self._lock = threading.Lock()
+
+
+_poster = _Poster()
+os.register_at_fork(after_in_child=_poster._after_fork)
+
+
+def post(token: trio.lowlevel.TrioToken, fn: Callable[[], None], on_lost: Callable[[BaseException], None]) -> None:
+    """Have ``fn`` run in the trio run of ``token`` soon, without waiting (see :class:`_Poster`).
+
+    ``fn`` must call :func:`posted_done` first thing and must not raise; ``on_lost`` is called,
+    in the poster thread, when the run can no longer take callbacks (it has ended).
+    """
+    _poster.post(token, fn, on_lost)
+
+
+def posted_done() -> None:
+    """Called by a posted callback when it runs: the clock may count it as handed over."""
+    global _posting
+    with _posting_lock:
+        _posting -= 1

@@ -21,13 +21,15 @@ validation of its arguments and the ASYNC snapshot run in the training thread it
 the call, so bad input raises at the call and consumes no report index.
 
 A report that need not wait for anything (ASYNC, NO_UPLOAD, or metrics only with nothing of the
-rank still open) does not make that round trip: the thread posts the request to trio with
-``TrioToken.run_sync_soon`` and returns (:meth:`RankRuntime.report_from_thread`). Waiting for
-trio to wake up, run, and wake the thread again was most of the time such a ``report()``
-blocked, and all of its tail on a busy machine. Trio's entry queue is first in, first out, so
-posted requests are accepted in report order and before any later round trip. Until trio has
-accepted it, a posted request counts "in transit": the pending bound and ``next_index`` add it,
-under a lock, so that neither ever sees it missing.
+rank still open) does not make that round trip: the thread posts the request to trio through
+:func:`statemachine._threads.post` and returns (:meth:`RankRuntime.report_from_thread`).
+Waiting for trio to wake up, run, and wake the thread again was most of the time such a
+``report()`` blocked, and all of its tail on a busy machine; even waking trio directly gave it
+the GIL ahead of the reporting thread. Posted requests reach trio in the order they were
+posted. Until trio has accepted it, a posted request counts "in transit": the pending bound and
+``next_index`` add it, under a lock, so that neither ever sees it missing; a report that makes
+the round trip (``accept``) waits until nothing is in transit, so that it cannot overtake an
+earlier posted one, and the rank does not finish while anything is in transit.
 """
 
 from __future__ import annotations
@@ -208,6 +210,9 @@ class RankRuntime:
                 except BaseException as error:  # noqa: BLE001 - any error of user code ends in a clear failure
                     if not isinstance(error, RunAbortedError):
                         self.training_error = error
+                # Reports the training thread posted may still be on their way (see ``accept``).
+                while self._in_transit:
+                    await self._wait_changed()
         finally:
             self._nursery = None
             context.leave_rank(token)
@@ -337,17 +342,28 @@ class RankRuntime:
                 self._in_transit += 1
         if not postable:
             return self.report_sync(request).timings
-        try:
-            token.run_sync_soon(self._accept_posted, request)
-        except trio.RunFinishedError:
-            raise RunAbortedError(f"rank {self.rank}: the run is over; report() is no longer possible") from None
+        if self._nursery is None:
+            with self._transit_lock:
+                self._in_transit -= 1
+            raise RunAbortedError(f"rank {self.rank}: the run is over; report() is no longer possible")
+        _threads.post(
+            token, functools.partial(self._accept_posted, request), functools.partial(self._posted_lost, request)
+        )
         return request.timings
+
+    def _posted_lost(self, request: ReportRequest, error: BaseException) -> None:
+        """In the poster thread: the run ended before a posted request reached it."""
+        with self._transit_lock:
+            self._in_transit -= 1
+        logger.warning("rank %d: a report posted as the run ended was dropped (%r)", self.rank, error)
 
     def _accept_posted(self, request: ReportRequest) -> None:
         """In trio: accept a request posted by :meth:`report_from_thread` (never raises)."""
+        _threads.posted_done()
         with self._transit_lock:
             record = self._new_record(request)
             self._in_transit -= 1
+        self._notify()  # ``run`` and ``accept`` wait for the posted requests to arrive
         if self._nursery is None:
             # Cannot happen while the training thread runs (the nursery waits for it); kept so
             # that a posted report still ends in a terminal state rather than vanishing.
@@ -379,7 +395,12 @@ class RankRuntime:
 
     async def accept(self, request: ReportRequest) -> _Record:
         """Create the record, start its task, and for SYNC wait until it is terminal."""
-        await self.wait_for_capacity()
+        while True:
+            await self.wait_for_capacity()
+            if not self._in_transit:
+                break
+            # An earlier report of this thread was posted and is still on its way: it goes first.
+            await self._wait_changed()
         self._raise_if_aborted()
         if self._nursery is None:
             raise RuntimeError("report() was called after the training function returned")

@@ -15,7 +15,17 @@ import trio.testing
 import statemachine as sm
 from tests.conftest import run_trio
 from tests.fsutil import FailingFileSystem, GatedFileSystem
-from tests.helpers import ASYNC, METRICS, NO_UPLOAD, SYNC, Recorder, assert_run_is_consistent, payload, trainer
+from tests.helpers import (
+    ASYNC,
+    METRICS,
+    NO_UPLOAD,
+    SYNC,
+    Recorder,
+    assert_run_is_consistent,
+    payload,
+    plan_train_fn,
+    trainer,
+)
 
 
 def _write(directory: str, rank: int, step: int) -> str:
@@ -365,3 +375,27 @@ def test_async_snapshots_reuse_their_folders_and_leave_nothing_behind(memory_url
         part = f"{root}/checkpoint_{2 * step + 1:06d}/rank_0"
         assert [p.rsplit("/", 1)[1] for p in fs.ls(part, detail=False)] == ["data.bin"]
         assert fs.cat_file(f"{part}/data.bin") == payload(0, step)
+
+
+def test_round_trip_reports_never_overtake_posted_ones(file_url: str) -> None:
+    # ASYNC and NO_UPLOAD reports are posted to trio and return at once; a SYNC report with a
+    # checkpoint, and a metrics-only report while the rank has open reports, make the round
+    # trip. Back to back, the round trip must still be accepted after the posted reports.
+    pattern = [ASYNC, ASYNC, SYNC, NO_UPLOAD, METRICS, ASYNC, METRICS, SYNC, NO_UPLOAD, NO_UPLOAD, SYNC]
+    plans = [pattern * 4, (pattern[3:] + pattern[:3]) * 4]
+    recorder = Recorder()
+    result = run_trio(
+        sm.Trainer(
+            plan_train_fn,
+            train_loop_config={"plans": plans},
+            scaling_config=sm.ScalingConfig(num_workers=2),
+            run_config=sm.RunConfig(
+                storage_path=file_url,
+                name="order",
+                callbacks=(recorder,),
+                upload_config=sm.UploadConfig(max_pending_reports=None),
+            ),
+        ).fit_async
+    )
+    assert_run_is_consistent(result, recorder, plans)
+    assert [m.metrics["step"] for m in recorder.hand_offs if m.rank == 0] == list(range(len(plans[0])))
