@@ -159,7 +159,10 @@ def _link_or_copy_into(source_dir: str, target_url: str, options: Mapping[str, A
     if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
         os.makedirs(target, exist_ok=True)
         for name in os.listdir(source_dir):
-            os.link(os.path.join(source_dir, name), os.path.join(target, name))
+            try:
+                os.link(os.path.join(source_dir, name), os.path.join(target, name))
+            except OSError:  # another file system (--storage elsewhere than the temporary folder)
+                shutil.copyfile(os.path.join(source_dir, name), os.path.join(target, name))
     else:
         fs.put(source_dir.rstrip("/") + "/", target.rstrip("/") + "/", recursive=True)
 
