@@ -99,7 +99,7 @@ def report(
         checkpoint_dir_name,
     )
     timings = runtime.report_from_thread(request)
-    timings["blocked_s"] = time.perf_counter() - started
+    timings.blocked_s = time.perf_counter() - started
 
 
 async def areport(
@@ -123,4 +123,4 @@ async def areport(
         checkpoint_dir_name,
     )
     record = await runtime.accept(request)
-    record.timings["blocked_s"] = time.perf_counter() - started
+    record.timings.blocked_s = time.perf_counter() - started

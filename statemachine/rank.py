@@ -54,7 +54,7 @@ from .checkpoint import Checkpoint
 from .config import CheckpointUploadMode, UploadConfig
 from .errors import ReportFailedError, RunAbortedError
 from .lifecycle import Event, HandOff, RankLifecycle, ReleaseSlot, ReportState
-from .result import ReportInfo
+from .result import ReportInfo, ReportTimings
 from .storage import (
     LinkStats,
     PartManifest,
@@ -117,7 +117,7 @@ class ReportRequest:
     checkpoint: Checkpoint | None = None
     has_checkpoint: bool = False
     #: The record's timings; ``report()`` adds ``blocked_s`` once it returns.
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: ReportTimings = field(default_factory=ReportTimings)
 
 
 @dataclass(slots=True, eq=False)
@@ -131,7 +131,7 @@ class _Record:
     checkpoint_dir: str | None
     part: PartManifest | None = None
     error: BaseException | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: ReportTimings = field(default_factory=ReportTimings)
 
 
 def _check_metrics(metrics: object) -> dict[str, Any]:
@@ -235,7 +235,7 @@ class RankRuntime:
                 mode=r.mode,
                 state=self.lifecycle.state(r.ordinal),
                 error=r.error,
-                timings=dict(r.timings),
+                timings=r.timings.as_dict(),
                 checkpoint_dir=r.checkpoint_dir,
             )
             for r in self.records
@@ -319,7 +319,7 @@ class RankRuntime:
             request.checkpoint = Checkpoint.from_directory(request.upload_source) if checkpoint.is_local else checkpoint
         return request
 
-    def report_from_thread(self, request: ReportRequest) -> dict[str, float]:
+    def report_from_thread(self, request: ReportRequest) -> ReportTimings:
         """From the training thread: hand ``request`` over; return its timings.
 
         Posts without waiting when the report must not wait for anything (see the module
@@ -462,15 +462,15 @@ class RankRuntime:
             except BaseException as error:  # noqa: BLE001 - a failed upload must end in FAILED
                 self._fail(record, error, Event.UPLOAD_FAILED)
                 return
-            record.timings["upload_s"] = time.perf_counter() - started
-            record.timings["bytes"] = float(record.part.bytes)
+            upload_s = record.timings.upload_s = time.perf_counter() - started
+            record.timings.bytes = float(record.part.bytes)
             logger.info(
                 "rank %d, report %d: uploaded %d bytes in %.3f s (%.1f MiB/s)",
                 self.rank,
                 record.index,
                 record.part.bytes,
-                record.timings["upload_s"],
-                record.part.bytes / 2**20 / max(record.timings["upload_s"], 1e-9),
+                upload_s,
+                record.part.bytes / 2**20 / max(upload_s, 1e-9),
             )
             if request.snapshot or request.delete_local:
                 # Before the report counts as uploaded, so that a SYNC report() returns with its

@@ -12,6 +12,30 @@ from .lifecycle import ReportState
 __all__ = ["ReportInfo", "Result"]
 
 
+class ReportTimings:
+    """The timings of one report while the run goes on; :class:`ReportInfo` gets them as a dict.
+
+    Slots rather than a dict per report: a run keeps one per report until it ends, and a dict
+    with its keys and floats cost about 200 bytes more (``bench``'s memory section).
+    """
+
+    __slots__ = ("blocked_s", "bytes", "retries", "upload_s")
+
+    def __init__(self) -> None:
+        self.blocked_s: float | None = None
+        self.upload_s: float | None = None
+        self.bytes: float | None = None
+        self.retries: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        found = {}
+        for name in self.__slots__:
+            value = getattr(self, name)
+            if value is not None:
+                found[name] = value
+        return found
+
+
 @dataclass(frozen=True, slots=True)
 class ReportInfo:
     """One report of one rank, as it ended."""

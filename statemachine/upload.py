@@ -56,6 +56,7 @@ import trio
 from . import _threads
 from .checkpoint import Checkpoint
 from .config import RetryPolicy
+from .result import ReportTimings
 from .storage import LinkStats, PartManifest, ProgressCallback, RunStorage
 
 __all__ = [
@@ -150,10 +151,10 @@ class UploadJob:
     linked: LinkStats | None = None
 
 
-async def upload_report(job: UploadJob, timings: dict[str, float]) -> PartManifest:
+async def upload_report(job: UploadJob, timings: ReportTimings) -> PartManifest:
     """Upload one report's checkpoint under ``job.policy``; return the part's manifest.
 
-    Records the number of retries in ``timings["retries"]``; raises the last attempt's error
+    Records the number of retries in ``timings.retries``; raises the last attempt's error
     when the attempts are exhausted or the error is not worth retrying.
     """
     part_relpath = job.storage.part_relpath(job.checkpoint_dir, job.rank)
@@ -187,7 +188,7 @@ async def upload_report(job: UploadJob, timings: dict[str, float]) -> PartManife
 
 
 async def register_part(
-    storage: RunStorage, rank: int, index: int, part_relpath: str, policy: RetryPolicy, timings: dict[str, float]
+    storage: RunStorage, rank: int, index: int, part_relpath: str, policy: RetryPolicy, timings: ReportTimings
 ) -> PartManifest:
     """Build the manifest of a NO_UPLOAD part already in storage, retried and timed out like an upload."""
 
@@ -219,7 +220,7 @@ async def _with_retries(
     policy: RetryPolicy,
     what: str,
     work: Callable[[_Attempt, list[int]], PartManifest],
-    timings: dict[str, float],
+    timings: ReportTimings,
     publish_lock: _PublishLock,
 ) -> PartManifest:
     def log_back_off(state: tenacity.RetryCallState) -> None:
@@ -244,7 +245,7 @@ async def _with_retries(
                 number = attempt.retry_state.attempt_number
                 part = await _one_attempt(rank, index, policy, what, number, work, publish_lock)
     finally:
-        timings["retries"] = float(max(number - 1, 0))
+        timings.retries = float(max(number - 1, 0))
     if part is None:
         raise RuntimeError(f"rank {rank}, report {index}: the {what} ended without a result")
     return part

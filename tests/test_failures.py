@@ -28,6 +28,7 @@ import trio
 
 import statemachine as sm
 from statemachine.faults import CrashInjector, FaultPlan, FaultyFileSystem, InjectedCrash, plan_options
+from statemachine.result import ReportTimings
 from statemachine.storage import MARKER_NAME, STAGING_NAME, RunStorage
 from statemachine.upload import (
     AttemptAbandonedError,
@@ -349,7 +350,7 @@ def test_backoff_grows_exponentially_up_to_the_maximum(tmp_path: Any) -> None:
     job = UploadJob(
         storage, 0, 0, policy, "checkpoint_000000", checkpoint=sm.Checkpoint(str(tmp_path)), upload_fn=flaky
     )
-    timings: dict[str, float] = {}
+    timings = ReportTimings()
 
     async def main() -> float:
         start = trio.current_time()
@@ -359,7 +360,7 @@ def test_backoff_grows_exponentially_up_to_the_maximum(tmp_path: Any) -> None:
 
     elapsed = run_trio(main)
     assert len(calls) == 5
-    assert timings["retries"] == 4
+    assert timings.retries == 4
     # Waits of 1, 2, 3 (capped), 3 (capped) virtual seconds between the five attempts.
     assert 9.0 <= elapsed < 9.5
 
@@ -375,10 +376,10 @@ def test_each_attempt_is_logged_with_rank_index_attempt_bytes_and_error(
     job = UploadJob(
         storage, 3, 7, sm.RetryPolicy(initial_backoff_s=0.0, jitter=0.0), "checkpoint_000007", source=source
     )
-    timings: dict[str, float] = {}
+    timings = ReportTimings()
     with caplog.at_level(logging.INFO, logger="statemachine"):
         part = run_trio(lambda: upload_report(job, timings))
-    assert part.bytes == 1234 and timings["retries"] == 1
+    assert part.bytes == 1234 and timings.retries == 1
     text = caplog.text
     assert "rank 3, report 7: upload attempt 1/3 failed after 1234 bytes" in text and "injected I/O error" in text
     assert "rank 3, report 7: upload attempt 2/3 succeeded: 1234 bytes" in text
@@ -402,7 +403,7 @@ def test_value_and_type_errors_are_never_retried(tmp_path: Any) -> None:
         storage, 0, 0, sm.RetryPolicy(), "checkpoint_000000", checkpoint=sm.Checkpoint(str(tmp_path)), upload_fn=bad
     )
     with pytest.raises(ValueError, match="bad input"):
-        run_trio(lambda: upload_report(job, {}))
+        run_trio(lambda: upload_report(job, ReportTimings()))
     assert calls == [1]
 
 
@@ -415,13 +416,13 @@ def test_abandoned_attempt_clears_its_staging_and_never_replaces_the_delivered_p
     source = _local_checkpoint(tmp_path)
     policy = sm.RetryPolicy(max_attempts=2, initial_backoff_s=0.0, jitter=0.0, attempt_timeout_s=0.2)
     job = UploadJob(storage, 0, 0, policy, "checkpoint_000000", source=source)
-    timings: dict[str, float] = {}
+    timings = ReportTimings()
     part = run_trio(lambda: upload_report(job, timings))
     final = os.path.join(storage.root, "checkpoint_000000", "rank_0")
     before = os.stat(os.path.join(final, "weights.bin")).st_mtime_ns
     fs.release_hangs()
     assert wait_for_attempt_threads(10.0)
-    assert timings["retries"] == 1 and part.bytes == 1000
+    assert timings.retries == 1 and part.bytes == 1000
     assert os.stat(os.path.join(final, "weights.bin")).st_mtime_ns == before
     assert os.listdir(os.path.join(storage.root, "checkpoint_000000", STAGING_NAME)) == []
 
