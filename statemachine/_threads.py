@@ -30,6 +30,28 @@ _posting = 0
 _posting_lock = threading.Lock()
 
 
+#: Training threads of this process inside the part of ``report()`` that does its own work.
+_reporting = 0
+_reporting_lock = threading.Lock()
+
+
+def reporting_started() -> None:
+    global _reporting
+    with _reporting_lock:
+        _reporting += 1
+
+
+def reporting_finished() -> None:
+    global _reporting
+    with _reporting_lock:
+        _reporting -= 1
+
+
+def reports_in_progress() -> int:
+    """How many training threads are validating or snapshotting a report right now."""
+    return _reporting
+
+
 def busy_threads() -> int:
     """Threads doing work for a trio run of this process (not counting ones waiting on trio),
     plus callbacks posted to trio that it has not run yet."""
@@ -80,16 +102,20 @@ class _Poster:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def post(
-        self, token: trio.lowlevel.TrioToken, fn: Callable[[], None], on_lost: Callable[[BaseException], None]
-    ) -> None:
-        global _posting
+    def start(self) -> None:
+        """Start the thread if it is not running (``Thread.start`` waits for it to be scheduled)."""
         if self._thread is None:
             with self._lock:
                 if self._thread is None:
                     thread = threading.Thread(target=self._main, name="statemachine-poster", daemon=True)
                     thread.start()
                     self._thread = thread
+
+    def post(
+        self, token: trio.lowlevel.TrioToken, fn: Callable[[], None], on_lost: Callable[[BaseException], None]
+    ) -> None:
+        global _posting
+        self.start()
         with _posting_lock:
             _posting += 1
         self._queue.put((token, fn, on_lost))
@@ -114,6 +140,11 @@ class _Poster:
 
 _poster = _Poster()
 os.register_at_fork(after_in_child=_poster._after_fork)
+
+
+def start_poster() -> None:
+    """Start the poster thread now, so that the first ``report()`` does not wait for it."""
+    _poster.start()
 
 
 def post(token: trio.lowlevel.TrioToken, fn: Callable[[], None], on_lost: Callable[[BaseException], None]) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import _threads
 from .checkpoint import Checkpoint
 from .config import CheckpointUploadMode
 
@@ -90,14 +91,18 @@ def report(
     started = time.perf_counter()
     if not runtime.lifecycle.can_accept():
         runtime.report_sync_wait_for_capacity()
-    request = runtime.prepare(
-        metrics,
-        checkpoint,
-        checkpoint_upload_mode,
-        delete_local_checkpoint_after_upload,
-        checkpoint_upload_fn,
-        checkpoint_dir_name,
-    )
+    _threads.reporting_started()
+    try:
+        request = runtime.prepare(
+            metrics,
+            checkpoint,
+            checkpoint_upload_mode,
+            delete_local_checkpoint_after_upload,
+            checkpoint_upload_fn,
+            checkpoint_dir_name,
+        )
+    finally:
+        _threads.reporting_finished()
     timings = runtime.report_from_thread(request)
     timings.blocked_s = time.perf_counter() - started
 

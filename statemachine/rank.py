@@ -200,6 +200,7 @@ class RankRuntime:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._refill_snapshot_folders()  # the first ASYNC report should not wait either
+                _threads.start_poster()
                 try:
                     if inspect.iscoroutinefunction(train_fn):
                         await _call_train_fn_async(train_fn, config)
@@ -440,6 +441,8 @@ class RankRuntime:
         if request.snapshot:
             self._refill_snapshot_folders()
         try:
+            if request.snapshot or request.registered_part is not None:
+                await _yield_to_reports()
             if request.upload_source is None:
                 if request.registered_part is not None:
                     record.part = await register_part(
@@ -579,6 +582,26 @@ class RankRuntime:
     def _raise_if_aborted(self) -> None:
         if self.aborted is not None:
             raise RunAbortedError(f"rank {self.rank}: the run is ending ({self.aborted!r})")
+
+
+#: The longest a background upload or registration waits for ``report()`` calls to finish.
+REPORT_GRACE_S = 0.02
+
+
+async def _yield_to_reports() -> None:
+    """Wait (at most :data:`REPORT_GRACE_S`) while a training thread is inside ``report()``.
+
+    An ASYNC upload or a NO_UPLOAD registration need not start the instant its ``report()``
+    returned, and the Python work of starting one holds the GIL. When ranks report at the same
+    step (every rank of a data-parallel job does), the first uploads used to start while the
+    other ranks were still snapshotting, and their ``report()`` waited for the GIL: about 10 ms
+    at p99 with 8 ranks of 16 MiB on 2 cores. A rank alone never waits here.
+    """
+    if not _threads.reports_in_progress():
+        return
+    with trio.move_on_after(REPORT_GRACE_S):
+        while _threads.reports_in_progress():
+            await trio.sleep(0.0005)
 
 
 def _call_train_fn(train_fn: Callable[..., Any], config: Mapping[str, Any] | None) -> Any:
