@@ -399,3 +399,39 @@ def test_round_trip_reports_never_overtake_posted_ones(file_url: str) -> None:
     )
     assert_run_is_consistent(result, recorder, plans)
     assert [m.metrics["step"] for m in recorder.hand_offs if m.rank == 0] == list(range(len(plans[0])))
+
+
+def test_background_work_waits_for_a_report_in_progress_but_never_longer_than_the_grace() -> None:
+    from statemachine import _threads
+    from statemachine.rank import REPORT_GRACE_S, _yield_to_reports
+
+    waited: dict[str, float] = {}
+
+    async def timed(name: str) -> None:
+        start = trio.current_time()
+        await _yield_to_reports()
+        waited[name] = trio.current_time() - start
+
+    async def main() -> None:
+        with trio.fail_after(10):
+            await timed("idle")
+            _threads.reporting_started()
+            try:
+                await timed("stuck")  # a report that never ends does not hold uploads back for long
+            finally:
+                _threads.reporting_finished()
+            _threads.reporting_started()
+
+            async def finish_report() -> None:
+                await trio.sleep(0.005)
+                _threads.reporting_finished()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(finish_report)
+                await timed("ends")
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+    assert waited["idle"] == 0.0
+    assert REPORT_GRACE_S <= waited["stuck"] < REPORT_GRACE_S + 0.002
+    assert 0.005 <= waited["ends"] < 0.007
+    assert _threads.reports_in_progress() == 0
