@@ -52,10 +52,21 @@ def reports_in_progress() -> int:
     return _reporting
 
 
+#: Training threads waiting, outside ``call_from_thread``, for trio to finish their report.
+_waiting_callers = 0
+
+
+def caller_waits(delta: int) -> None:
+    """A training thread starts (+1) or stops (-1) waiting on trio without ``call_from_thread``."""
+    global _waiting_callers
+    with _posting_lock:
+        _waiting_callers += delta
+
+
 def busy_threads() -> int:
     """Threads doing work for a trio run of this process (not counting ones waiting on trio),
     plus callbacks posted to trio that it has not run yet."""
-    return _busy + _posting
+    return _busy + _posting - _waiting_callers
 
 
 async def run_in_thread(fn: Callable[..., T], *args: object, abandon_on_cancel: bool = False) -> T:

@@ -65,7 +65,7 @@ from .storage import (
     snapshot_directory,
     validate_dir_name,
 )
-from .upload import UploadFn, UploadJob, register_part, upload_report
+from .upload import FirstAttempt, UploadFn, UploadJob, register_part, upload_report
 
 __all__ = ["HandOffMessage", "RankRuntime", "RankSink", "ReportRequest"]
 
@@ -118,6 +118,40 @@ class ReportRequest:
     has_checkpoint: bool = False
     #: The record's timings; ``report()`` adds ``blocked_s`` once it returns.
     timings: ReportTimings = field(default_factory=ReportTimings)
+    #: SYNC, uploaded by the calling thread (see ``RankRuntime._report_sync_here``).
+    first: FirstAttempt | None = None
+    waiter: _CallerWait | None = None
+    expected_index: int | None = None
+
+
+class _CallerWait:
+    """A SYNC ``report()`` waiting in its own thread (not through trio) for its report to end."""
+
+    __slots__ = ("_counted", "_lock", "error", "event", "state")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.state: ReportState | None = None
+        self.error: BaseException | None = None
+        self._counted = False
+        self._lock = threading.Lock()
+
+    def waiting(self) -> None:
+        """In trio: the caller made its attempt and now only waits (a test clock may jump)."""
+        with self._lock:
+            if not self.event.is_set() and not self._counted:
+                self._counted = True
+                _threads.caller_waits(+1)
+
+    def release(self, state: ReportState | None, error: BaseException | None) -> None:
+        with self._lock:
+            if self.event.is_set():
+                return
+            self.state, self.error = state, error
+            if self._counted:
+                self._counted = False
+                _threads.caller_waits(-1)
+            self.event.set()
 
 
 @dataclass(slots=True, eq=False)
@@ -187,6 +221,8 @@ class RankRuntime:
         )
         self._snapshot_folders = SnapshotFolders(self._snapshot_root)
         self._refilling = False
+        #: SYNC reports whose thread waits outside trio (see ``_report_sync_here``).
+        self._waiters: set[_CallerWait] = set()
 
     # -- running ---------------------------------------------------------------------------
 
@@ -218,6 +254,8 @@ class RankRuntime:
             self._nursery = None
             context.leave_rank(token)
             self._snapshot_folders.discard()
+            for waiter in list(self._waiters):  # a training thread abandoned while it waited
+                waiter.release(None, None)
             if not any(r.error for r in self.records):
                 # Failed uploads keep their snapshot (nothing is lost); otherwise it is all ours.
                 shutil.rmtree(self._snapshot_root, ignore_errors=True)
@@ -327,7 +365,11 @@ class RankRuntime:
         docstring); otherwise makes the round trip of :meth:`report_sync`.
         """
         token = self._token
-        if token is None or (request.mode is CheckpointUploadMode.SYNC and request.has_checkpoint):
+        if token is None:
+            return self.report_sync(request).timings
+        if request.mode is CheckpointUploadMode.SYNC and request.has_checkpoint:
+            if request.upload_fn is None and self.upload.retry.attempt_timeout_s is None:
+                return self._report_sync_here(token, request)
             return self.report_sync(request).timings
         with self._transit_lock:
             # ``open_reports`` only falls behind our back (trio finishing reports), so a stale
@@ -352,10 +394,63 @@ class RankRuntime:
         )
         return request.timings
 
+    def _report_sync_here(self, token: trio.lowlevel.TrioToken, request: ReportRequest) -> ReportTimings:
+        """From the training thread: a SYNC report whose first upload attempt this thread makes.
+
+        Only when nothing of the rank is open or in transit: the report then gets the next
+        index, a free upload slot, and its hand-off as soon as it is uploaded, so the thread can
+        start copying at once (see :class:`~statemachine.upload.FirstAttempt`). Trio accepts the
+        posted request and drives the record as usual, taking this thread's attempt as attempt
+        1; the thread then waits for the record to end, as a round trip would.
+        """
+        with self._transit_lock:
+            here = not self.lifecycle.open_reports and not self._in_transit and self._nursery is not None
+            if here:
+                self._raise_if_aborted()
+                index = self.first_index + len(self.lifecycle)
+                self._in_transit += 1
+        if not here:
+            return self.report_sync(request).timings
+        checkpoint_dir = request.dir_name or checkpoint_dir_name(index)
+        first = FirstAttempt(self._upload_job(index, checkpoint_dir, request))
+        waiter = _CallerWait()
+        request.first, request.waiter, request.expected_index = first, waiter, index
+        self._waiters.add(waiter)
+        _threads.post(
+            token, functools.partial(self._accept_posted, request), functools.partial(self._posted_lost, request)
+        )
+        first.run()
+        try:
+            token.run_sync_soon(self._first_attempt_made, request)
+        except trio.RunFinishedError:
+            waiter.release(None, None)
+        waiter.event.wait()
+        self._waiters.discard(waiter)
+        if waiter.state is None or not waiter.state.terminal:
+            raise RunAbortedError(f"rank {self.rank}: the run is over; report() is no longer possible")
+        if (
+            waiter.state is ReportState.FAILED
+            and self.upload.on_failure == "raise"
+            and not isinstance(waiter.error, RunAbortedError)
+        ):
+            raise ReportFailedError(
+                f"rank {self.rank}, report {index}: {waiter.error!r}", self.rank, index
+            ) from waiter.error
+        return request.timings
+
+    def _first_attempt_made(self, request: ReportRequest) -> None:
+        """In trio: the calling thread finished its attempt and now waits for the report to end."""
+        if request.waiter is not None:
+            request.waiter.waiting()
+        if request.first is not None:
+            request.first.deliver()
+
     def _posted_lost(self, request: ReportRequest, error: BaseException) -> None:
         """In the poster thread: the run ended before a posted request reached it."""
         with self._transit_lock:
             self._in_transit -= 1
+        if request.waiter is not None:
+            request.waiter.release(None, error)
         logger.warning("rank %d: a report posted as the run ended was dropped (%r)", self.rank, error)
 
     def _accept_posted(self, request: ReportRequest) -> None:
@@ -365,12 +460,20 @@ class RankRuntime:
             record = self._new_record(request)
             self._in_transit -= 1
         self._notify()  # ``run`` and ``accept`` wait for the posted requests to arrive
-        if self._nursery is None:
+        nursery = self._nursery
+        if nursery is None:
             # Cannot happen while the training thread runs (the nursery waits for it); kept so
             # that a posted report still ends in a terminal state rather than vanishing.
-            self._fail(record, RunAbortedError(f"rank {self.rank}: the rank is finished"), Event.ABORTED)
+            error: BaseException = RunAbortedError(f"rank {self.rank}: the rank is finished")
+        elif request.expected_index is not None and request.expected_index != record.index:
+            # The calling thread uploaded for the index it foresaw; a different one is a bug.
+            error = RuntimeError(f"rank {self.rank}: report {record.index} was uploaded as {request.expected_index}")
+        else:
+            nursery.start_soon(self._drive, record)
             return
-        self._nursery.start_soon(self._drive, record)
+        self._fail(record, error, Event.ABORTED)
+        if request.waiter is not None:
+            request.waiter.release(self.lifecycle.state(record.ordinal), record.error)
 
     def report_sync(self, request: ReportRequest) -> _Record:
         """From the training thread: accept ``request`` (waiting as its mode says)."""
@@ -437,6 +540,13 @@ class RankRuntime:
     async def _drive(self, record: _Record) -> None:
         request = record.request
         assert request is not None
+        try:
+            await self._drive_record(record, request)
+        finally:
+            if request.waiter is not None:
+                request.waiter.release(self.lifecycle.state(record.ordinal), record.error)
+
+    async def _drive_record(self, record: _Record, request: ReportRequest) -> None:
         ordinal = record.ordinal
         if request.snapshot:
             self._refill_snapshot_folders()
@@ -457,7 +567,7 @@ class RankRuntime:
                 return
             await self.limiter.acquire_on_behalf_of(record)
             self._apply(record, Event.SLOT_ACQUIRED)
-            started = time.perf_counter()
+            started = request.first.started if request.first is not None else time.perf_counter()
             try:
                 record.part = await self._upload(record, request)
             except trio.Cancelled:
@@ -508,21 +618,25 @@ class RankRuntime:
 
     async def _upload(self, record: _Record, request: ReportRequest) -> PartManifest:
         assert request.upload_source is not None and record.checkpoint_dir is not None
+        if request.first is not None:
+            return await upload_report(request.first.job, record.timings, request.first)
+        return await upload_report(self._upload_job(record.index, record.checkpoint_dir, request), record.timings)
+
+    def _upload_job(self, index: int, checkpoint_dir: str, request: ReportRequest) -> UploadJob:
         # A sink may follow the bytes of each upload as they are written (called in the upload thread).
         listener = getattr(self.sink, "upload_progress", None)
-        job = UploadJob(
+        return UploadJob(
             storage=self.storage,
             rank=self.rank,
-            index=record.index,
+            index=index,
             policy=self.upload.retry,
-            checkpoint_dir=record.checkpoint_dir,
+            checkpoint_dir=checkpoint_dir,
             source=request.upload_source,
             checkpoint=request.checkpoint,
             upload_fn=request.upload_fn,
-            progress=functools.partial(listener, self.rank, record.index) if listener is not None else None,
+            progress=functools.partial(listener, self.rank, index) if listener is not None else None,
             linked=request.linked,
         )
-        return await upload_report(job, record.timings)
 
     def _clean_up_after_upload(self, request: ReportRequest) -> None:
         """Recycle the snapshot folder, and drop the caller's folder when asked; only after a good

@@ -43,22 +43,34 @@ class GatedFileSystem(MemoryFileSystem):
 
 
 class FailingFileSystem(MemoryFileSystem):
-    """``failing://``: writing a staged file whose path contains :attr:`fail_on` raises OSError."""
+    """``failing://``: writing a staged file whose path contains :attr:`fail_on` raises OSError;
+    one containing a :attr:`fail_once` token raises the first time only. :attr:`writes` lists
+    ``(path, thread ident)`` of every write opened."""
 
     protocol = "failing"
     store: ClassVar[dict[str, Any]] = {}
     pseudo_dirs: ClassVar[list[str]] = [""]
     fail_on: ClassVar[list[str]] = []
+    fail_once: ClassVar[list[str]] = []
+    writes: ClassVar[list[tuple[str, int]]] = []
 
     @classmethod
-    def reset(cls, *fail_on: str) -> None:
+    def reset(cls, *fail_on: str, fail_once: tuple[str, ...] = ()) -> None:
         cls.store.clear()
         cls.pseudo_dirs[:] = [""]
         cls.fail_on[:] = list(fail_on)
+        cls.fail_once[:] = list(fail_once)
+        cls.writes.clear()
 
     def _open(self, path: str, mode: str = "rb", *args: Any, **kwargs: Any) -> Any:
-        if "w" in mode and any(token in path for token in type(self).fail_on):
-            raise OSError(f"injected write failure for {path}")
+        if "w" in mode:
+            type(self).writes.append((path, threading.get_ident()))
+            if any(token in path for token in type(self).fail_on):
+                raise OSError(f"injected write failure for {path}")
+            for token in list(type(self).fail_once):
+                if token in path:
+                    type(self).fail_once.remove(token)
+                    raise OSError(f"injected write failure (once) for {path}")
         return super()._open(path, mode, *args, **kwargs)
 
 

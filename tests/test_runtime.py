@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 import threading
 from typing import Any
@@ -231,7 +232,8 @@ def test_sync_upload_error_ends_the_run_naming_rank_index_and_cause_without_comm
     result = info.value.result
     assert result is not None
     assert result.committed_indices == [0]
-    assert not FailingFileSystem().exists("/runs/run/checkpoint_000001/_COMMITTED.json")
+    assert FailingFileSystem().exists("failing://runs/run/checkpoint_000000/_COMMITTED.json")
+    assert not FailingFileSystem().exists("failing://runs/run/checkpoint_000001/_COMMITTED.json")
     states = {(r.rank, r.index): r.state for r in result.reports}
     assert states[(1, 1)] is sm.ReportState.FAILED
 
@@ -435,3 +437,70 @@ def test_background_work_waits_for_a_report_in_progress_but_never_longer_than_th
     assert REPORT_GRACE_S <= waited["stuck"] < REPORT_GRACE_S + 0.002
     assert 0.005 <= waited["ends"] < 0.007
     assert _threads.reports_in_progress() == 0
+
+
+def test_sync_report_with_nothing_open_uploads_in_the_calling_thread_and_trio_retries_a_failed_first_attempt() -> None:
+    from statemachine import _threads
+
+    FailingFileSystem.reset(fail_once=("checkpoint_000001/.staging/rank_0",))
+    training_threads: list[int] = []
+
+    def train_fn() -> None:
+        training_threads.append(threading.get_ident())
+        for step in range(4):
+            with tempfile.TemporaryDirectory() as local:
+                _write(local, 0, step)
+                mode = ASYNC if step == 2 else SYNC
+                sm.report({"step": step}, checkpoint=sm.Checkpoint.from_directory(local), checkpoint_upload_mode=mode)
+
+    retry = sm.RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.01)
+    run = sm.Trainer(
+        train_fn,
+        run_config=sm.RunConfig(
+            storage_path="failing://runs", name="here", upload_config=sm.UploadConfig(retry=retry)
+        ),
+    )
+    result = run_trio(run.fit_async)
+
+    assert result.committed_indices == [0, 1, 2, 3]
+    (training,) = training_threads
+    writers: dict[str, list[int]] = {}
+    for path, ident in FailingFileSystem.writes:
+        if "/.staging/" in path:  # the uploads (markers are written by the controller)
+            writers.setdefault(re.search(r"checkpoint_\d+", path).group(0), []).append(ident)  # type: ignore[union-attr]
+    # Report 0: written by the training thread. Report 1: its first attempt too (it failed),
+    # the retry by a worker thread. Report 2 (ASYNC): a worker. Report 3, a SYNC report made
+    # while report 2 may still be open, by whichever way was possible, and correctly.
+    assert writers["checkpoint_000000"] == [training]
+    assert writers["checkpoint_000001"][0] == training and writers["checkpoint_000001"][-1] != training
+    assert training not in writers["checkpoint_000002"]
+    retries = {r.index: r.timings.get("retries") for r in result.reports}
+    assert retries[0] == 0 and retries[1] == 1
+    for index in range(4):
+        assert FailingFileSystem().cat_file(f"failing://runs/here/checkpoint_{index:06d}/rank_0/data.bin") == payload(0, index)
+    assert _threads.busy_threads() == 0  # the caller's waits were counted out again
+
+
+def test_sync_first_attempt_that_keeps_failing_raises_report_failed_error_in_the_calling_thread(tmp_path: Any) -> None:
+    FailingFileSystem.reset("checkpoint_000000/.staging/rank_0")
+    raised: list[BaseException] = []
+    local = _write(str(tmp_path / "ckpt"), 0, 0)
+
+    def train_fn() -> None:
+        try:
+            sm.report({"step": 0}, checkpoint=sm.Checkpoint.from_directory(local), checkpoint_upload_mode=SYNC)
+        except sm.ReportFailedError as error:
+            raised.append(error)
+            raise
+
+    retry = sm.RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.01)
+    run = sm.Trainer(
+        train_fn,
+        run_config=sm.RunConfig(storage_path="failing://runs", name="fails", upload_config=sm.UploadConfig(retry=retry)),
+    )
+    with pytest.raises(sm.TrainingFailedError, match="rank 0, report 0"):
+        run_trio(run.fit_async)
+    assert len(raised) == 1 and raised[0].index == 0  # type: ignore[attr-defined]
+    assert isinstance(raised[0].__cause__, OSError)
+    assert len([p for p, _ in FailingFileSystem.writes if "/.staging/" in p]) == 2  # both attempts were made
+    assert os.path.exists(os.path.join(local, "data.bin"))  # the local copy is kept
