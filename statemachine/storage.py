@@ -9,6 +9,8 @@ Layout of a run folder (DESIGN.md section 4)::
             rank_1/...
             _COMMITTED.json                 the commit marker with the manifest, written last
             .staging/                       upload attempts in progress (removed on commit)
+        .staging/                           on a local disk: the upload attempts, in folders
+                                            made ahead of time (see ``RunStorage.upload_part``)
 
 Why the marker is the only truth: uploads of different ranks finish at different times and a
 process may die at any point. A checkpoint folder therefore looks complete long before it is;
@@ -355,11 +357,12 @@ def snapshot_directory(
 
 
 class SnapshotFolders:
-    """Empty snapshot folders under ``root``, made ahead of time by :meth:`refill`.
+    """Empty folders under ``root``, made ahead of time by :meth:`refill`.
 
     Making a folder allocates an inode, which cost 0.2-0.8 ms on this project's ext4 machines,
-    several times more than hard-linking a checkpoint's files; an ASYNC ``report()`` takes a
-    folder made earlier (in a worker thread) and makes one itself only when none is left.
+    several times more than hard-linking a checkpoint's files. An ASYNC ``report()`` takes its
+    snapshot folder from one of these, and an upload to a local disk its staging folder; each
+    makes a folder itself only when none is left.
     """
 
     def __init__(self, root: str, spare: int = 2, keep: int = 4) -> None:
@@ -456,6 +459,10 @@ class RunStorage:
         self._probe_lock = threading.Lock()
         self._conditional_create: bool | None = None
         self._checksum_pool: futures.ThreadPoolExecutor | None = None
+        #: Staging folders made ahead of time (local disks only; see :meth:`upload_part`).
+        self._staging_folders: SnapshotFolders | None = None
+        if self.is_local:
+            self._staging_folders = SnapshotFolders(self.path(STAGING_NAME))
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -518,8 +525,15 @@ class RunStorage:
         checkpoint_relpath = posixpath.dirname(part_relpath)
         final = self.path(part_relpath)
         direct = self.is_s3 and self._has_conditional_create()
+        staging_folders = self._staging_folders
         if direct:
             target = final
+        elif staging_folders is not None:
+            # A local disk: a folder made ahead of time (creating the checkpoint folder, its
+            # staging folder and the attempt's took 0.7 ms of a 5 ms SYNC report of 16 MiB),
+            # in the run's own staging folder, so the move into place stays one rename.
+            target = staging_folders.take()
+            self._checksummer().submit(staging_folders.refill)
         else:
             target = self.path(posixpath.join(checkpoint_relpath, STAGING_NAME, f"rank_{rank}-{uuid.uuid4().hex[:12]}"))
         listed = local_files_with_sizes(local_dir)
@@ -594,6 +608,13 @@ class RunStorage:
             delivered = self._checksummer().submit(_checksum_files, [posixpath.join(final, e.path) for e in entries])
             return PartManifest(rank, part_relpath, tuple(entries), delivered)
         return PartManifest(rank, part_relpath, tuple(entries))
+
+    def close(self) -> None:
+        """Remove the staging folders made ahead that no upload took (at the end of a rank)."""
+        if self._staging_folders is not None:
+            self._staging_folders.discard()
+            with contextlib.suppress(OSError):
+                os.rmdir(self._staging_folders.root)  # only when no other rank's folders are left
 
     def _verify_sizes(self, staging: str, expected: Iterable[tuple[str, int]]) -> None:
         """Raise ``OSError`` if storage holds fewer bytes than were written (a short write)."""
@@ -807,7 +828,10 @@ class RunStorage:
                 continue
             relative = posixpath.basename(str(entry["name"]).rstrip("/"))
             match = _CHECKPOINT_RE.match(relative)
-            if self.read_marker(relative) is not None:
+            if relative == STAGING_NAME:
+                if self._remove_tree(self.path(relative)):  # the run's own staging folder
+                    removed.append(relative)
+            elif self.read_marker(relative) is not None:
                 committed.add(relative)
             elif (match and int(match.group(1)) >= from_index) or (not match and self._holds_only_parts(relative)):
                 if self._remove_tree(self.path(relative)):

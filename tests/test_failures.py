@@ -424,7 +424,10 @@ def test_abandoned_attempt_clears_its_staging_and_never_replaces_the_delivered_p
     assert wait_for_attempt_threads(10.0)
     assert timings.retries == 1 and part.bytes == 1000
     assert os.stat(os.path.join(final, "weights.bin")).st_mtime_ns == before
-    assert os.listdir(os.path.join(storage.root, "checkpoint_000000", STAGING_NAME)) == []
+    # On a local disk the attempts stage in the run's own folder: no file of either is left there.
+    staging = os.path.join(storage.root, STAGING_NAME)
+    assert [name for _root, _dirs, files in os.walk(staging) for name in files] == []
+    assert not os.path.exists(os.path.join(storage.root, "checkpoint_000000", STAGING_NAME))
 
 
 def test_an_abandoned_attempt_cannot_publish() -> None:
@@ -692,6 +695,7 @@ def test_resume_removes_uncommitted_folders_and_stale_staging_but_keeps_committe
         "checkpoint_000003/.staging/rank_1-abc/weights.bin": b"half",
         "custom_name/rank_0/weights.bin": b"half",  # an uncommitted custom checkpoint_dir_name
         "checkpoint_000001/.staging/rank_0-def/weights.bin": b"late",  # abandoned after the commit
+        ".staging/0123abcd/weights.bin": b"half",  # a local-disk attempt of a crashed process
         "notes/readme.txt": b"the user's own folder",
     }
     for relative, data in leftovers.items():
@@ -709,6 +713,7 @@ def test_resume_removes_uncommitted_folders_and_stale_staging_but_keeps_committe
     assert not os.path.exists(os.path.join(root, "checkpoint_000003"))
     assert not os.path.exists(os.path.join(root, "custom_name"))
     assert not os.path.exists(os.path.join(root, "checkpoint_000001", STAGING_NAME))
+    assert not os.path.exists(os.path.join(root, STAGING_NAME, "0123abcd"))
     assert os.path.exists(os.path.join(root, "notes", "readme.txt"))
     assert assert_committed_intact(file_url[len("file://") :]) == [0, 1, 2]
 

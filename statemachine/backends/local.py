@@ -41,9 +41,12 @@ class LocalBackend:
             await runtime.run(plan.train_fn, plan.config)
             controller.rank_finished(runtime.rank, runtime.training_error)
 
-        async with trio.open_nursery() as nursery:
-            for runtime in self.ranks:
-                nursery.start_soon(run_rank, runtime)
+        try:
+            async with trio.open_nursery() as nursery:
+                for runtime in self.ranks:
+                    nursery.start_soon(run_rank, runtime)
+        finally:
+            storage.close()
 
     def reports(self) -> list[ReportInfo]:
         return [info for runtime in self.ranks for info in runtime.report_infos()]

@@ -242,7 +242,10 @@ class RankActor:
             self._token = trio.lowlevel.current_trio_token()
             if self._abort is not None:
                 runtime.abort(self._abort)
-        await runtime.run(plan.train_fn, plan.config)
+        try:
+            await runtime.run(plan.train_fn, plan.config)
+        finally:
+            storage.close()
         error = portable_error(runtime.training_error, self.rank)
         self._events.put(_Finished(error, _portable_reports(runtime.report_infos(), self.rank)))
 
