@@ -81,7 +81,7 @@ class SimulationConfig:
     backend: str = "local"
     on_failure: str = "raise"
     max_failures: int = 20
-    attempt_timeout_s: float = 0.25
+    attempt_timeout_s: float | None = 0.25
     deadline_s: float = 120.0
     size_kib: int = 64
     storage: str = ""
@@ -452,6 +452,15 @@ def summarise(outcomes: Sequence[RunOutcome]) -> list[dict[str, Any]]:
     return rows
 
 
+def _timeout(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds or 'none', got {text!r}")
+    return value
+
+
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "simulate", help="failure-injection runs with an invariant check", description=__doc__
@@ -472,7 +481,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--backend", choices=("local", "ray"), default="local")
     parser.add_argument("--on-failure", choices=("raise", "continue"), default="raise")
     parser.add_argument("--max-failures", type=int, default=20, help="restarts allowed per run")
-    parser.add_argument("--attempt-timeout", type=float, default=0.25, help="per-attempt upload timeout, s")
+    parser.add_argument(
+        "--attempt-timeout",
+        type=_timeout,
+        default=0.25,
+        help="per-attempt upload timeout, s, or 'none' (then a SYNC report's first attempt runs in the "
+        "training thread, and hangs are waited out)",
+    )
     parser.add_argument("--deadline", type=float, default=120.0, help="a run taking longer counts as a hang, s")
     parser.add_argument("--size-kib", type=int, default=64, help="checkpoint size per rank and step")
     parser.add_argument("--storage", default="", help="local folder for the run folders (default: a temp folder)")

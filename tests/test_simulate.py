@@ -56,6 +56,18 @@ def test_simulated_runs_with_faults_in_every_mode_break_no_invariant(tmp_path: A
     assert sum(o.committed for o in outcomes) > 0
 
 
+def test_without_attempt_timeouts_sync_first_attempts_run_in_the_training_thread_and_break_nothing(
+    tmp_path: Any,
+) -> None:
+    # No timeout: a SYNC report's first attempt is made by the training thread itself, through
+    # the same faults (hangs are bounded by ``hang_s`` and waited out).
+    outcomes = simulate(small(tmp_path, attempt_timeout_s=None, hang_s=0.2, modes=("sync", "mixed")))
+    for outcome in outcomes:
+        assert outcome.violations == 0, (outcome.partial_commits, outcome.lost_reports, outcome.order_violations)
+        assert outcome.finished or outcome.failed
+    assert sum(o.retries for o in outcomes) > 0 and sum(o.committed for o in outcomes) > 0
+
+
 def test_same_seed_injects_the_same_faults(tmp_path: Any) -> None:
     config = small(tmp_path, seeds=1, hang_rate=0.0, crash_rate=0.0, modes=("async",))
     first = simulate(config)[0]
@@ -79,7 +91,7 @@ def test_simulate_command_prints_the_table_and_exits_zero(tmp_path: Any, capsys:
             "--hang-s",
             "0.5",
             "--attempt-timeout",
-            "0.15",
+            "none",
             "--size-kib",
             "4",
             "--storage",
