@@ -23,6 +23,11 @@ time to finish, and then the run folder and the run's record are checked:
 The table counts them per mode; the command exits with status 1 if any is found. Faults hit the
 upload path (staging folders and rank parts); the commit marker is written by the store's
 atomic put and is left alone, so a run fails only when its uploads do.
+
+With ``--backend ray`` the ranks run in Ray actors on this machine: they log what their
+``report()`` calls returned to files the checker reads, a crash ends the actor's process, and
+the "faults" column counts only faults injected in this process (the actors' uploads are seen
+through their retries and failures).
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ import posixpath
 import random
 import shutil
 import tempfile
-import threading
 import time
 import uuid
 import zlib
@@ -143,15 +147,23 @@ def _mode_of(mode: str, rank: int, step: int) -> tuple[str, sm.CheckpointUploadM
 
 
 class _Recorder:
-    """Run callback and training-function log: the order things happened in."""
+    """Run callback and training-function log: the order things happened in.
 
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
+    The callback side (hand-offs, commits) lives in this process. The training functions write
+    their side (reports that returned, problems seen) to one file per rank in ``log_dir``, so
+    that ranks in Ray actors, which get a pickled copy of this object, are heard too.
+    """
+
+    def __init__(self, log_dir: str) -> None:
+        self.log_dir = log_dir
         self.handed_off: dict[int, list[int]] = {}
         self.commits: list[int] = []
-        #: ``(rank, step)`` of every ``report()`` call that returned.
-        self.returned: set[tuple[int, int]] = set()
-        self.problems: list[str] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"log_dir": self.log_dir}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["log_dir"])  # type: ignore[misc]
 
     def on_report(self, message: Any) -> None:
         self.handed_off.setdefault(message.rank, []).append(message.index)
@@ -159,9 +171,31 @@ class _Recorder:
     def on_commit(self, committed: CommittedCheckpoint) -> None:
         self.commits.append(committed.index)
 
-    def problem(self, text: str) -> None:
-        with self.lock:
-            self.problems.append(text)
+    def _log(self, rank: int, entry: dict[str, Any]) -> None:
+        with open(os.path.join(self.log_dir, f"rank_{rank}.jsonl"), "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+    def report_returned(self, rank: int, step: int) -> None:
+        self._log(rank, {"returned": [rank, step]})
+
+    def problem(self, rank: int, text: str) -> None:
+        self._log(rank, {"problem": text})
+
+    def _entries(self) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        for name in sorted(os.listdir(self.log_dir)):
+            with open(os.path.join(self.log_dir, name)) as handle:
+                entries.extend(json.loads(line) for line in handle if line.strip())
+        return entries
+
+    @property
+    def returned(self) -> set[tuple[int, int]]:
+        """``(rank, step)`` of every ``report()`` call that returned."""
+        return {(int(e["returned"][0]), int(e["returned"][1])) for e in self._entries() if "returned" in e}
+
+    @property
+    def problems(self) -> list[str]:
+        return [str(e["problem"]) for e in self._entries() if "problem" in e]
 
 
 def _train(config: dict[str, Any]) -> None:
@@ -181,13 +215,13 @@ def _train(config: dict[str, Any]) -> None:
             if os.path.exists(part):
                 with open(part, "rb") as handle:
                     if handle.read() != payload(seed, rank, first - 1, size):
-                        recorder.problem(f"rank {rank} resumed from a checkpoint with the wrong bytes ({start})")
+                        recorder.problem(rank, f"rank {rank} resumed from a checkpoint with the wrong bytes ({start})")
             elif _mode_of(config["mode"], rank, first - 1)[0] != "metrics":
-                recorder.problem(f"rank {rank} resumed from {start}, which lacks its part")
+                recorder.problem(rank, f"rank {rank} resumed from {start}, which lacks its part")
     for step in range(first, config["reports"]):
         target = ctx.next_checkpoint_path()
         if not target.rstrip("/").endswith(f"checkpoint_{step:06d}/rank_{rank}"):
-            recorder.problem(f"rank {rank} step {step}: next checkpoint is {target}")
+            recorder.problem(rank, f"rank {rank} step {step}: next checkpoint is {target}")
         injector.maybe_crash(rank, step)
         kind, mode = _mode_of(config["mode"], rank, step)
         metrics = {"step": step, "rank": rank, "loss": 1.0 / (step + 1)}
@@ -215,8 +249,7 @@ def _train(config: dict[str, Any]) -> None:
             with tempfile.TemporaryDirectory() as local:
                 _write_local(local, data, state)
                 sm.report(metrics, checkpoint=sm.Checkpoint.from_directory(local), checkpoint_upload_mode=mode)
-        with recorder.lock:
-            recorder.returned.add((rank, step))
+        recorder.report_returned(rank, step)
 
 
 def _write_local(folder: str, data: bytes, state: bytes) -> None:
@@ -347,7 +380,7 @@ async def _run_one(config: SimulationConfig, mode: str, seed: int, root: str) ->
     )
     fault_name = f"{name}-{time.monotonic_ns()}"
     options = plan_options(plan, "file", fault_name)
-    recorder = _Recorder()
+    recorder = _Recorder(tempfile.mkdtemp(prefix="simulate-log-"))
     trainer = sm.Trainer(
         _train,
         train_loop_config={
@@ -405,6 +438,7 @@ async def _run_one(config: SimulationConfig, mode: str, seed: int, root: str) ->
     outcome.injected = fs.injected
     _check_record(outcome, recorder, results)
     _check_storage(outcome, config, run_root)
+    shutil.rmtree(recorder.log_dir, ignore_errors=True)
     return outcome
 
 

@@ -138,9 +138,9 @@ def test_checker_finds_a_truncated_file_and_an_unlisted_file_in_a_commit(tmp_pat
     assert any("unlisted file rank_1/stray.bin" in p for p in outcome.partial_commits)
 
 
-def test_checker_finds_lost_reports_and_out_of_order_hand_offs() -> None:
-    recorder = _Recorder()
-    recorder.returned.add((0, 3))
+def test_checker_finds_lost_reports_and_out_of_order_hand_offs(tmp_path: Any) -> None:
+    recorder = _Recorder(str(tmp_path))
+    recorder.report_returned(0, 3)
     recorder.handed_off = {0: [0, 2, 1]}
     recorder.commits = [0, 2, 1]
     outcome = RunOutcome("async", 0)
