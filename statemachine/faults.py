@@ -423,10 +423,14 @@ class CrashInjector:
     rank and index), at most once per (rank, index) in this process, so a run restarted
     from a checkpoint makes progress instead of crashing at the same place forever.
     ``mode="raise"`` raises :class:`InjectedCrash`; ``"exit"`` ends the process (``os._exit``),
-    which is what a crash looks like to the Ray backend.
+    which is what a crash looks like to the Ray backend. A process that replaces a crashed one
+    starts with a copy that never heard of the crash; with ``memory_file`` (a local path every
+    process can reach) the crashes are recorded there before they happen, and none recurs.
     """
 
-    def __init__(self, seed: int = 0, rate: float = 0.0, mode: CrashMode = "raise") -> None:
+    def __init__(
+        self, seed: int = 0, rate: float = 0.0, mode: CrashMode = "raise", memory_file: str | None = None
+    ) -> None:
         if not isinstance(rate, int | float) or not 0 <= rate <= 1:
             raise ValueError(f"CrashInjector rate must be a number from 0 to 1, got {rate!r}")
         if mode not in ("raise", "exit"):
@@ -434,15 +438,28 @@ class CrashInjector:
         self.seed = seed
         self.rate = rate
         self.mode: CrashMode = mode
+        self.memory_file = memory_file
         self._lock = threading.Lock()
         self._crashed: set[tuple[int, int]] = set()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"seed": self.seed, "rate": self.rate, "mode": self.mode, "crashed": sorted(self._crashed)}
+        return {
+            "seed": self.seed,
+            "rate": self.rate,
+            "mode": self.mode,
+            "memory_file": self.memory_file,
+            "crashed": sorted(self._crashed),
+        }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["seed"], state["rate"], state["mode"])  # type: ignore[misc]
+        self.__init__(state["seed"], state["rate"], state["mode"], state.get("memory_file"))  # type: ignore[misc]
         self._crashed = {(int(r), int(i)) for r, i in state["crashed"]}
+
+    def _remembered(self) -> set[tuple[int, int]]:
+        if self.memory_file is None or not os.path.exists(self.memory_file):
+            return set()
+        with open(self.memory_file) as handle:
+            return {(int(r), int(i)) for r, i in (line.split() for line in handle if line.strip())}
 
     @property
     def crashes(self) -> list[tuple[int, int]]:
@@ -454,9 +471,12 @@ class CrashInjector:
         if not self.rate or random.Random(f"{self.seed}|crash|{rank}|{index}").random() >= self.rate:
             return
         with self._lock:
-            if (rank, index) in self._crashed:
+            if (rank, index) in self._crashed or (rank, index) in self._remembered():
                 return
             self._crashed.add((rank, index))
+            if self.memory_file is not None:
+                with open(self.memory_file, "a") as handle:
+                    handle.write(f"{rank} {index}\n")
         crash(f"injected crash of rank {rank} at report {index}", self.mode)
 
 

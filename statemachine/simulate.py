@@ -183,7 +183,7 @@ class _Recorder:
 
     def _entries(self) -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = []
-        for name in sorted(os.listdir(self.log_dir)):
+        for name in sorted(n for n in os.listdir(self.log_dir) if n.endswith(".jsonl")):
             with open(os.path.join(self.log_dir, name)) as handle:
                 entries.extend(json.loads(line) for line in handle if line.strip())
         return entries
@@ -389,7 +389,12 @@ async def _run_one(config: SimulationConfig, mode: str, seed: int, root: str) ->
             "reports": config.reports,
             "size": config.size_kib * 1024,
             "recorder": recorder,
-            "injector": CrashInjector(seed, config.crash_rate, "exit" if config.backend == "ray" else "raise"),
+            "injector": CrashInjector(
+                seed,
+                config.crash_rate,
+                "exit" if config.backend == "ray" else "raise",
+                os.path.join(recorder.log_dir, "crashes.txt"),
+            ),
             "storage_options": options,
         },
         scaling_config=sm.ScalingConfig(num_workers=config.ranks),

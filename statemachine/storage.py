@@ -372,6 +372,7 @@ class SnapshotFolders:
         self.keep = max(keep, spare)
         self._ready: list[str] = []
         self._lock = threading.Lock()
+        self._closed = False
 
     def take(self) -> str:
         with self._lock:
@@ -386,12 +387,22 @@ class SnapshotFolders:
         return not self._ready
 
     def refill(self) -> None:
-        """Make folders until ``spare`` are ready (blocking: call it in a thread)."""
-        while len(self._ready) < self.spare:
+        """Make folders until ``spare`` are ready (blocking: call it in a thread); none after
+        :meth:`discard`, which may run meanwhile."""
+        while True:
+            with self._lock:
+                if self._closed or len(self._ready) >= self.spare:
+                    return
             path = os.path.join(self.root, uuid.uuid4().hex)
             os.makedirs(path)
             with self._lock:
-                self._ready.append(path)
+                if not self._closed:
+                    self._ready.append(path)
+                    continue
+            with contextlib.suppress(OSError):  # discarded while this one was being made
+                os.rmdir(path)
+                os.rmdir(self.root)  # only if empty (other ranks may share it)
+            return
 
     def recycle(self, path: str) -> None:
         """Empty a snapshot folder whose upload is done and keep it for a later snapshot
@@ -403,14 +414,15 @@ class SnapshotFolders:
                 else:
                     os.unlink(entry.path)
         with self._lock:
-            if len(self._ready) < self.keep:
+            if not self._closed and len(self._ready) < self.keep:
                 self._ready.append(path)
                 return
         os.rmdir(path)
 
     def discard(self) -> None:
-        """Remove the folders nobody took."""
+        """Remove the folders nobody took; make no more."""
         with self._lock:
+            self._closed = True
             ready, self._ready = self._ready, []
         for path in ready:
             with contextlib.suppress(OSError):

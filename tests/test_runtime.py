@@ -504,3 +504,32 @@ def test_sync_first_attempt_that_keeps_failing_raises_report_failed_error_in_the
     assert isinstance(raised[0].__cause__, OSError)
     assert len([p for p, _ in FailingFileSystem.writes if "/.staging/" in p]) == 2  # both attempts were made
     assert os.path.exists(os.path.join(local, "data.bin"))  # the local copy is kept
+
+
+def test_folders_made_ahead_stop_once_discarded_even_when_a_refill_is_under_way(tmp_path: Any) -> None:
+    from statemachine.storage import SnapshotFolders
+
+    folders = SnapshotFolders(str(tmp_path / "staging"), spare=3)
+    made = threading.Event()
+    proceed = threading.Event()
+    original = os.makedirs
+
+    def slow_makedirs(path: str, *args: Any, **kwargs: Any) -> None:
+        original(path, *args, **kwargs)
+        made.set()
+        assert proceed.wait(10)
+
+    worker = threading.Thread(target=folders.refill)
+    os.makedirs = slow_makedirs  # type: ignore[assignment]
+    try:
+        worker.start()
+        assert made.wait(10)  # the refill made a folder and has not recorded it yet
+        folders.discard()  # the rank ends now
+        proceed.set()
+        worker.join(10)
+    finally:
+        os.makedirs = original
+    assert not worker.is_alive()
+    assert not os.path.exists(folders.root)  # the late folder, and the emptied root, are gone
+    folders.refill()
+    assert not os.path.exists(folders.root)  # and nothing is made after the discard

@@ -153,3 +153,23 @@ def test_checker_finds_lost_reports_and_out_of_order_hand_offs(tmp_path: Any) ->
 
 def test_injected_crash_is_a_base_exception_that_retries_leave_alone() -> None:
     assert not issubclass(InjectedCrash, Exception)
+
+
+def test_crash_injector_with_a_memory_file_does_not_crash_a_replacement_process_at_the_same_place(
+    tmp_path: Any,
+) -> None:
+    import pickle
+
+    from statemachine.faults import CrashInjector
+
+    memory = str(tmp_path / "crashes.txt")
+    original = CrashInjector(seed=3, rate=1.0, memory_file=memory)
+    first_process, replacement = pickle.loads(pickle.dumps(original)), pickle.loads(pickle.dumps(original))
+    with pytest.raises(InjectedCrash):
+        first_process.maybe_crash(1, 4)
+    replacement.maybe_crash(1, 4)  # the copy a new actor gets: it has heard of the crash
+    with pytest.raises(InjectedCrash):
+        replacement.maybe_crash(1, 5)
+    forgetful = pickle.loads(pickle.dumps(CrashInjector(seed=3, rate=1.0)))
+    with pytest.raises(InjectedCrash):
+        forgetful.maybe_crash(1, 4)  # without the file each process crashes at the same place again
