@@ -30,6 +30,11 @@ posted. Until trio has accepted it, a posted request counts "in transit": the pe
 ``next_index`` add it, under a lock, so that neither ever sees it missing; a report that makes
 the round trip (``accept``) waits until nothing is in transit, so that it cannot overtake an
 earlier posted one, and the rank does not finish while anything is in transit.
+
+A SYNC report with a checkpoint waits anyway. When nothing else of the rank is open or in
+transit, its thread posts the request the same way and then makes the first upload attempt
+itself (:class:`~statemachine.upload.FirstAttempt`; :meth:`RankRuntime._report_sync_here`),
+instead of waiting for trio to hand the copy to a worker thread and back.
 """
 
 from __future__ import annotations
