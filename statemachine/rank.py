@@ -354,7 +354,7 @@ class RankRuntime:
         request.delete_local = request.delete_local and checkpoint.is_local
         if mode is CheckpointUploadMode.ASYNC and checkpoint.is_local:
             request.upload_source, request.linked = snapshot_directory(
-                checkpoint.path, self._snapshot_root, self.upload.snapshot, self._snapshot_folders.take()
+                checkpoint.path, self._snapshot_folders.take(), self.upload.snapshot
             )
             request.snapshot = True
         else:

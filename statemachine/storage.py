@@ -282,30 +282,34 @@ def _check_linked(local_dir: str, linked: LinkStats | None) -> None:
             )
 
 
-def local_files(directory: str) -> list[str]:
-    """Every file under ``directory``, as sorted relative POSIX paths."""
-    return [relative for relative, _size in local_files_with_sizes(directory)]
-
-
-def local_files_with_sizes(directory: str) -> list[tuple[str, int]]:
-    """``(relative POSIX path, size)`` of every file under ``directory``, sorted by path.
-
-    One ``scandir`` per folder and one ``stat`` per file (``os.walk`` plus ``relpath`` and
-    ``getsize`` cost twice as much, inside every SYNC report).
-    """
-    found: list[tuple[str, int]] = []
+def _file_entries(directory: str) -> list[tuple[str, os.DirEntry[str]]]:
+    """``(relative POSIX path, entry)`` of every file under ``directory``, sorted by path: one
+    ``scandir`` per folder; a linked folder is not followed (as ``os.walk``)."""
+    found: list[tuple[str, os.DirEntry[str]]] = []
     pending = [("", directory)]
     while pending:
         prefix, folder = pending.pop()
         with os.scandir(folder) as entries:
             for entry in entries:
                 if entry.is_dir():
-                    if not entry.is_symlink():  # as os.walk: a linked folder is not followed
+                    if not entry.is_symlink():
                         pending.append((f"{prefix}{entry.name}/", entry.path))
                 else:
-                    found.append((prefix + entry.name, entry.stat().st_size))
-    found.sort()
+                    found.append((prefix + entry.name, entry))
+    found.sort(key=lambda item: item[0])
     return found
+
+
+def local_files(directory: str) -> list[str]:
+    """Every file under ``directory``, as sorted relative POSIX paths (no ``stat`` per file:
+    an ASYNC snapshot lists its folder in the training thread)."""
+    return [relative for relative, _entry in _file_entries(directory)]
+
+
+def local_files_with_sizes(directory: str) -> list[tuple[str, int]]:
+    """``(relative POSIX path, size)`` of every file under ``directory``, sorted by path
+    (``os.walk``, ``relpath`` and ``getsize`` cost twice as much, inside every SYNC report)."""
+    return [(relative, entry.stat().st_size) for relative, entry in _file_entries(directory)]
 
 
 class CheckpointModifiedError(ValueError):
@@ -316,24 +320,17 @@ class CheckpointModifiedError(ValueError):
 LinkStats = dict[str, tuple[int, int]]
 
 
-def snapshot_directory(
-    source: str, target_root: str, mode: str = "link", target: str | None = None
-) -> tuple[str, LinkStats]:
-    """Freeze ``source`` into a new folder under ``target_root``; return it and its link stats.
+def snapshot_directory(source: str, target: str, mode: str = "link") -> tuple[str, LinkStats]:
+    """Freeze ``source`` into ``target``, an empty folder; return it and its link stats.
 
     ``mode="link"`` hard-links each file (a copy where the file system refuses, for example
     across devices): cheap, and safe when the caller deletes its folder or replaces files (a
     ``TemporaryDirectory``, a write-then-rename). A hard link shares the file's data, so a file
     *rewritten in place* would change the snapshot too; the stats returned let the upload notice
     that and fail the report with :class:`CheckpointModifiedError` instead of uploading a torn
-    file. ``mode="copy"`` always copies, which is safe against anything.
-
-    ``target``, an empty folder made ahead of time (see :class:`SnapshotFolders`), is used
-    instead of a new one.
+    file. ``mode="copy"`` always copies, which is safe against anything. ``target`` is normally
+    a folder made ahead of time (see :class:`SnapshotFolders`).
     """
-    if target is None:
-        target = os.path.join(target_root, uuid.uuid4().hex)
-        os.makedirs(target)
     made = {target}
     linked: LinkStats = {}
     for relative in local_files(source):

@@ -328,7 +328,7 @@ def test_snapshot_folders_are_made_ahead_recycled_empty_and_discarded(tmp_path: 
     os.makedirs(os.path.join(source, "nested"))
     with open(os.path.join(source, "nested", "more.bin"), "wb") as handle:
         handle.write(b"more")
-    target, linked = snapshot_directory(source, folders.root, "link", folders.take())
+    target, linked = snapshot_directory(source, folders.take(), "link")
     assert os.path.basename(target) in ready
     assert sorted(linked) == ["data.bin", "nested/more.bin"]
     assert open(os.path.join(target, "nested", "more.bin"), "rb").read() == b"more"
