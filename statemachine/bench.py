@@ -30,8 +30,10 @@ Four sections, each a real :class:`~statemachine.Trainer` run against the storag
 ``memory``
     10,000 reports (a small ASYNC checkpoint every tenth, metrics only otherwise) with the
     default pending bound: RSS and the local snapshot backlog (bytes under the snapshot folder)
-    every 1,000 reports. Flat figures mean no per-report state piles up beyond what ``Result``
-    keeps (one :class:`~statemachine.ReportInfo` per report).
+    every 1,000 reports, twice: keeping 2 checkpoints and keeping all of them. What a run must
+    hold is what ``Result`` returns: every report (``Result.reports``, about 40 bytes each in
+    the ranks' report logs) and every kept checkpoint's folder name and metrics
+    (``Result.best_checkpoints``); the two runs tell the two apart.
 
 The machine may be busy with other work: every timing is a median (or p99) of many reports,
 and the throughput figure is a ratio of interleaved runs. Per-rank figures travel from the
@@ -64,6 +66,11 @@ from .storage import RunStorage
 
 MIB = 1024 * 1024
 SNAPSHOT_ROOT = os.path.join(tempfile.gettempdir(), "statemachine-snapshots")
+
+#: The ``memory`` section's retention settings: a run that keeps two checkpoints holds
+#: per-report state only; one that keeps every checkpoint also holds each checkpoint's
+#: folder and metrics, which ``Result.best_checkpoints`` returns.
+MEMORY_KEEP = (2, None)
 
 MODE_NAMES = {"SYNC": sm.CheckpointUploadMode.SYNC, "ASYNC": sm.CheckpointUploadMode.ASYNC}
 NO_UPLOAD = sm.CheckpointUploadMode.NO_UPLOAD
@@ -315,7 +322,14 @@ class Bench:
             self.sources[size_mib] = folder
         return self.sources[size_mib]
 
-    def fit(self, train_fn: Any, ranks: int, config: dict[str, Any], upload: sm.UploadConfig) -> tuple[sm.Result, str]:
+    def fit(
+        self,
+        train_fn: Any,
+        ranks: int,
+        config: dict[str, Any],
+        upload: sm.UploadConfig,
+        checkpoints: sm.CheckpointConfig | None = None,
+    ) -> tuple[sm.Result, str]:
         results = tempfile.mkdtemp(prefix="results-", dir=self.work)
         name = f"bench-{uuid.uuid4().hex[:10]}"
         trainer = sm.Trainer(
@@ -323,7 +337,11 @@ class Bench:
             train_loop_config={**config, "results": results, "storage_options": self.storage_options},
             scaling_config=sm.ScalingConfig(num_workers=ranks),
             run_config=sm.RunConfig(
-                storage_path=self.storage, name=name, storage_options=self.storage_options, upload_config=upload
+                storage_path=self.storage,
+                name=name,
+                storage_options=self.storage_options,
+                upload_config=upload,
+                checkpoint_config=checkpoints or sm.CheckpointConfig(),
             ),
             backend=self.backend,
         )
@@ -430,23 +448,28 @@ class Bench:
             rows[-1]["cost_ratio_vs_first"] = rows[-1]["cost_per_report_us"] / rows[0]["cost_per_report_us"]
         return rows
 
-    def memory(self) -> dict[str, Any]:
+    def memory(self, num_to_keep: int | None) -> dict[str, Any]:
         reports = self.reports * 10 if self.reports else 10_000
         config = {"reports": reports, "checkpoint_bytes": 64 * 1024, "sample_every": reports // 10}
-        result, results = self.fit(memory_train_fn, 1, config, sm.UploadConfig())
+        keep = sm.CheckpointConfig(num_to_keep=num_to_keep)
+        result, results = self.fit(memory_train_fn, 1, config, sm.UploadConfig(), keep)
         with open(os.path.join(results, "rank_0.json")) as handle:
             samples = json.load(handle)["samples"]
         by_count = {s["reports"]: s for s in samples}
-        first, last = by_count[reports // 10], by_count[reports]
+        first, middle, last = by_count[reports // 10], by_count[reports // 2], by_count[reports]
         return {
             "reports": reports,
+            "num_to_keep": num_to_keep,
             "samples": samples,
             "rss_mib_at_first_sample": first["rss_mib"],
             "rss_mib_at_end": last["rss_mib"],
             "rss_growth_mib_per_1k": (last["rss_mib"] - first["rss_mib"]) / (reports - reports // 10) * 1000,
+            # The first thousands of reports also warm the allocator and the thread caches up.
+            "rss_growth_mib_per_1k_second_half": (last["rss_mib"] - middle["rss_mib"]) / (reports - reports // 2) * 1000,
             "peak_rss_mib": max(s["rss_mib"] for s in samples),
             "max_backlog_kib": max(s["backlog"] for s in samples) / 1024,
             "reports_in_result": len(result.reports),
+            "checkpoints_in_result": len(result.best_checkpoints),
         }
 
 
@@ -530,20 +553,34 @@ def print_tables(figures: dict[str, Any]) -> None:
                 f"{last['cost_ratio_vs_first']:.2f}x"
             )
     if "memory" in figures:
-        memory = figures["memory"]
+        runs = figures["memory"]
         table = Table(
-            title=f"Memory and snapshot backlog over {memory['reports']:,} reports (an ASYNC checkpoint every 10th)"
+            title=f"Memory and snapshot backlog over {runs[0]['reports']:,} reports (an ASYNC checkpoint every 10th)"
         )
-        for column in ("reports", "RSS MiB", "snapshot backlog KiB"):
-            table.add_column(column, justify="right")
-        for sample in memory["samples"]:
-            table.add_row(str(sample["reports"]), _fmt(sample["rss_mib"], 1), _fmt(sample["backlog"] / 1024, 0))
+        table.add_column("reports", justify="right")
+        for run in runs:
+            keep = _keep_label(run["num_to_keep"])
+            table.add_column(f"RSS MiB ({keep})", justify="right")
+            table.add_column(f"backlog KiB ({keep})", justify="right")
+        for position, sample in enumerate(runs[0]["samples"]):
+            cells = [str(sample["reports"])]
+            for run in runs:
+                row = run["samples"][position]
+                cells += [_fmt(row["rss_mib"], 1), _fmt(row["backlog"] / 1024, 0)]
+            table.add_row(*cells)
         console.print(table)
-        growth = memory["rss_mib_at_end"] - memory["rss_mib_at_first_sample"]
-        console.print(
-            f"RSS growth after the first sample: {growth:.1f} MiB "
-            f"({memory['rss_growth_mib_per_1k']:.2f} MiB per 1k reports)"
-        )
+        for run in runs:
+            growth = run["rss_mib_at_end"] - run["rss_mib_at_first_sample"]
+            console.print(
+                f"RSS growth after the first sample, {_keep_label(run['num_to_keep'])}: {growth:.1f} MiB "
+                f"({run['rss_growth_mib_per_1k']:.2f} MiB per 1k reports; "
+                f"{run['rss_growth_mib_per_1k_second_half']:.2f} over the second half; "
+                f"{run['checkpoints_in_result']:,} checkpoints in the result)"
+            )
+
+
+def _keep_label(num_to_keep: int | None) -> str:
+    return "keep all" if num_to_keep is None else f"keep {num_to_keep}"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -576,7 +613,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         # Memory first: the peak RSS of this process is not yet raised by the large sections.
         if "memory" in sections:
-            figures["memory"] = bench.memory()
+            figures["memory"] = [bench.memory(num_to_keep) for num_to_keep in MEMORY_KEEP]
         if "blocked" in sections:
             figures["blocked"] = bench.blocked(sizes, rank_counts)
         if "throughput" in sections:

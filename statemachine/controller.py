@@ -14,8 +14,10 @@ that the ledger skips its index instead of committing it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -72,8 +74,9 @@ class Controller:
         self.world_size = world_size
         self.upload = upload
         self.ledger = CommitLedger(world_size, first_index)
-        self.checkpoints: list[CommittedCheckpoint] = list(committed)
-        self.committed_indices: list[int] = []
+        self.checkpoints: list[CommittedCheckpoint] = [dataclasses.replace(c, parts=()) for c in committed]
+        #: Committed report indices in commit order; 8 bytes each (one per report of a long run).
+        self.committed_indices = array("q")
         self.last_metrics: dict[str, Any] | None = committed[-1].metrics if committed else None
         self.failure: RunFailure | None = None
         self.on_failure: Callable[[RunFailure], None] | None = None
@@ -197,7 +200,9 @@ class Controller:
         if folders:
             committed = CommittedCheckpoint(index, folders[0], metrics, parts)
             await _threads.run_in_thread(self.storage.commit, committed)
-            self.checkpoints.append(committed)
+            # Retention and ``Result`` need the index, folder and metrics; the part manifests
+            # are in the marker, and only the ``on_commit`` callbacks (at the next settle) get them.
+            self.checkpoints.append(dataclasses.replace(committed, parts=()))
             self._unsettled.append(committed)
             logger.info("committed %s (report %d, ranks %s)", committed.path, index, [p.rank for p in parts])
         self.committed_indices.append(index)

@@ -59,7 +59,7 @@ from .checkpoint import Checkpoint
 from .config import CheckpointUploadMode, UploadConfig
 from .errors import ReportFailedError, RunAbortedError
 from .lifecycle import Event, HandOff, RankLifecycle, ReleaseSlot, ReportState
-from .result import ReportInfo, ReportTimings
+from .result import ReportLog, ReportTimings
 from .storage import (
     LinkStats,
     PartManifest,
@@ -212,7 +212,9 @@ class RankRuntime:
         self.protected_dirs = protected_dirs
         self.lifecycle = RankLifecycle(upload.max_concurrent_uploads, upload.max_pending_reports)
         self.limiter = trio.CapacityLimiter(upload.max_concurrent_uploads)
-        self.records: list[_Record] = []
+        #: The reports not handed off yet, by ordinal; handed-off ones are in ``log``.
+        self.records: dict[int, _Record] = {}
+        self.log = ReportLog(rank, first_index)
         self.training_error: BaseException | None = None
         self.aborted: BaseException | None = None
         self._changed = trio.Event()
@@ -261,7 +263,7 @@ class RankRuntime:
             self._snapshot_folders.discard()
             for waiter in list(self._waiters):  # a training thread abandoned while it waited
                 waiter.release(None, None)
-            if not any(r.error for r in self.records):
+            if not self.log.has_errors and not any(r.error for r in self.records.values()):
                 # Failed uploads keep their snapshot (nothing is lost); otherwise it is all ours.
                 shutil.rmtree(self._snapshot_root, ignore_errors=True)
 
@@ -271,19 +273,13 @@ class RankRuntime:
             self.aborted = error
             self._notify()
 
-    def report_infos(self) -> list[ReportInfo]:
-        return [
-            ReportInfo(
-                rank=self.rank,
-                index=r.index,
-                mode=r.mode,
-                state=self.lifecycle.state(r.ordinal),
-                error=r.error,
-                timings=r.timings.as_dict(),
-                checkpoint_dir=r.checkpoint_dir,
-            )
-            for r in self.records
-        ]
+    def report_log(self) -> ReportLog:
+        """A copy of the rank's reports so far, those not handed off yet in their current state."""
+        log = self.log.copy()
+        for ordinal in sorted(self.records):
+            r = self.records[ordinal]
+            log.add(r.index, r.mode, self.lifecycle.state(ordinal), r.error, r.timings, r.checkpoint_dir)
+        return log
 
     # -- the calls made by report() ----------------------------------------------------------
 
@@ -537,7 +533,7 @@ class RankRuntime:
         if request.has_checkpoint:
             checkpoint_dir = request.dir_name or checkpoint_dir_name(index)
         record = _Record(ordinal, index, request.mode, request, checkpoint_dir, timings=request.timings)
-        self.records.append(record)
+        self.records[ordinal] = record
         return record
 
     # -- driving one record ----------------------------------------------------------------
@@ -687,7 +683,10 @@ class RankRuntime:
                 error=record.error,
             )
         )
-        record.request = None  # metrics and paths are the controller's now; keep memory flat
+        # Metrics and paths are the controller's now; what ``Result.reports`` needs goes to the log.
+        record.request = None
+        del self.records[record.ordinal]
+        self.log.add(record.index, record.mode, state, record.error, record.timings, record.checkpoint_dir)
 
     # -- waiting ---------------------------------------------------------------------------
 

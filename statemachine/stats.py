@@ -53,20 +53,34 @@ def run_stats(
     checkpoints_deleted: int | None = None,
     elapsed_s: float | None = None,
 ) -> dict[str, Any]:
-    """Counts by state and by mode, bytes uploaded, upload time and blocked time per mode."""
-    reports = list(reports)
+    """Counts by state and by mode, bytes uploaded, upload time and blocked time per mode.
+
+    One pass over ``reports``: ``Result.reports`` builds each report as it is read.
+    """
+    count = 0
+    by_state: Counter[str] = Counter()
+    by_mode: Counter[str] = Counter()
     blocked: dict[str, list[float]] = {}
     blocked_checkpoint: dict[str, list[float]] = {}
+    uploads: list[float] = []
+    speeds: list[float] = []
+    uploaded = all_bytes = retries = 0.0
     for report in reports:
-        if "blocked_s" in report.timings:
-            blocked.setdefault(report.mode.name, []).append(report.timings["blocked_s"])
+        count += 1
+        by_state[report.state.name] += 1
+        by_mode[report.mode.name] += 1
+        timings = report.timings
+        all_bytes += timings.get("bytes", 0.0)
+        retries += timings.get("retries", 0.0)
+        if "blocked_s" in timings:
+            blocked.setdefault(report.mode.name, []).append(timings["blocked_s"])
             if report.checkpoint_dir is not None:
-                blocked_checkpoint.setdefault(report.mode.name, []).append(report.timings["blocked_s"])
-    uploads = [r.timings["upload_s"] for r in reports if "upload_s" in r.timings]
-    speeds = [
-        r.timings.get("bytes", 0.0) / MIB / r.timings["upload_s"] for r in reports if r.timings.get("upload_s", 0.0) > 0
-    ]
-    uploaded = sum(r.timings.get("bytes", 0.0) for r in reports if "upload_s" in r.timings)
+                blocked_checkpoint.setdefault(report.mode.name, []).append(timings["blocked_s"])
+        if "upload_s" in timings:
+            uploads.append(timings["upload_s"])
+            uploaded += timings.get("bytes", 0.0)
+            if timings["upload_s"] > 0:
+                speeds.append(timings.get("bytes", 0.0) / MIB / timings["upload_s"])
     extra: dict[str, Any] = {
         "upload_MiBps": summary(speeds),
         "throughput_MiBps": uploaded / MIB / sum(uploads) if sum(uploads) > 0 else math.nan,
@@ -81,12 +95,12 @@ def run_stats(
         if value is not None:
             extra[key] = value
     return {
-        "reports": len(reports),
-        "by_state": dict(Counter(r.state.name for r in reports)),
-        "by_mode": dict(Counter(r.mode.name for r in reports)),
-        "bytes_uploaded": int(sum(r.timings.get("bytes", 0.0) for r in reports)),
+        "reports": count,
+        "by_state": dict(by_state),
+        "by_mode": dict(by_mode),
+        "bytes_uploaded": int(all_bytes),
         "upload_s": summary(uploads),
-        "retries": int(sum(r.timings.get("retries", 0.0) for r in reports)),
+        "retries": int(retries),
         "blocked_s": {mode: summary(values) for mode, values in sorted(blocked.items())},
     } | extra
 

@@ -26,7 +26,7 @@ from .config import RunConfig, ScalingConfig
 from .controller import Controller, RunFailure
 from .errors import TrainingFailedError
 from .progress import RunProgress
-from .result import Result
+from .result import Reports, Result
 from .stats import format_stats, run_stats
 from .storage import CommittedCheckpoint, RunStorage
 from .verify import verify_checkpoint
@@ -188,7 +188,7 @@ class Trainer:
                     logger.error("ranks did not finish within the drain timeout; their open reports were aborted")
             finally:
                 controller.close()
-        reports = sorted(backend.reports(), key=lambda r: (r.index, r.rank))
+        reports = Reports(backend.report_logs())
         checkpoints = controller.checkpoints
         result = Result(
             metrics=controller.last_metrics,

@@ -36,9 +36,12 @@ def test_bench_runs_every_section_on_local_storage_and_prints_consistent_json(
     assert throughput["repeats"] == 20 and throughput["ratio"] > 0
     assert [row["ranks"] for row in figures["metrics"]] == [8, 64]
     assert figures["metrics"][1]["cost_ratio_vs_first"] > 0
-    memory = figures["memory"]
-    assert memory["reports"] == memory["reports_in_result"] == 200
-    assert [s["reports"] for s in memory["samples"]] == list(range(20, 201, 20))
+    kept = {run["num_to_keep"]: run for run in figures["memory"]}
+    assert set(kept) == {2, None}
+    for run in kept.values():
+        assert run["reports"] == run["reports_in_result"] == 200
+        assert [s["reports"] for s in run["samples"]] == list(range(20, 201, 20))
+    assert kept[2]["checkpoints_in_result"] == 2 and kept[None]["checkpoints_in_result"] == 20
     assert os.listdir(storage) == []  # every run folder and raw copy is removed
 
 

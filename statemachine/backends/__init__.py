@@ -18,7 +18,7 @@ from ..config import UploadConfig
 
 if TYPE_CHECKING:
     from ..controller import Controller
-    from ..result import ReportInfo
+    from ..result import ReportLog
 
 __all__ = ["Backend", "RunPlan", "make_backend"]
 
@@ -45,8 +45,8 @@ class Backend(Protocol):
         """Run every rank to the end (or until cancelled)."""
         ...
 
-    def reports(self) -> list[ReportInfo]:
-        """The reports of all ranks so far (also after a cancelled :meth:`run`)."""
+    def report_logs(self) -> list[ReportLog]:
+        """The reports of every rank so far, one log per rank (also after a cancelled :meth:`run`)."""
         ...
 
     def abort(self, error: BaseException) -> None:

@@ -6,7 +6,7 @@ import trio
 
 from ..controller import Controller
 from ..rank import RankRuntime
-from ..result import ReportInfo
+from ..result import ReportLog
 from ..storage import RunStorage
 from . import RunPlan
 
@@ -48,8 +48,8 @@ class LocalBackend:
         finally:
             storage.close()
 
-    def reports(self) -> list[ReportInfo]:
-        return [info for runtime in self.ranks for info in runtime.report_infos()]
+    def report_logs(self) -> list[ReportLog]:
+        return [runtime.report_log() for runtime in self.ranks]
 
     def abort(self, error: BaseException) -> None:
         for runtime in self.ranks:

@@ -64,7 +64,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from .. import _threads
 from ..controller import Controller, RunFailure
 from ..rank import HandOffMessage, RankRuntime
-from ..result import ReportInfo
+from ..result import ReportLog
 from ..storage import RunStorage
 from . import RunPlan
 
@@ -134,14 +134,15 @@ class _ReportFailed:
 @dataclass(frozen=True, slots=True)
 class _Finished:
     training_error: BaseException | None
-    reports: list[ReportInfo]
+    reports: ReportLog
 
 
 _RankEvent = _HandedOff | _ReportFailed | _Finished
 
 
-def _portable_reports(infos: list[ReportInfo], rank: int) -> list[ReportInfo]:
-    return [dataclasses.replace(info, error=portable_error(info.error, rank)) if info.error else info for info in infos]
+def _portable_reports(log: ReportLog, rank: int) -> ReportLog:
+    log.map_errors(lambda error: portable_error(error, rank) or error)
+    return log
 
 
 class RankActor:
@@ -191,18 +192,18 @@ class RankActor:
             except trio.RunFinishedError:
                 pass
 
-    def reports(self) -> list[ReportInfo]:
+    def reports(self) -> ReportLog:
         """The rank's reports so far (read inside its trio run while that is running)."""
         with self._lock:
             runtime, token = self._runtime, self._token
         if runtime is None:
-            return []
-        infos: list[ReportInfo]
+            return ReportLog(self.rank, self.plan.first_index)
+        log: ReportLog
         try:
-            infos = trio.from_thread.run_sync(runtime.report_infos, trio_token=token) if token else []
+            log = trio.from_thread.run_sync(runtime.report_log, trio_token=token) if token else runtime.report_log()
         except trio.RunFinishedError:
-            infos = runtime.report_infos()
-        return _portable_reports(infos, self.rank)
+            log = runtime.report_log()
+        return _portable_reports(log, self.rank)
 
     # -- RankSink: called inside the actor's trio run ----------------------------------------
 
@@ -222,7 +223,7 @@ class RankActor:
         try:
             trio.run(self._run)
         except BaseException as error:  # noqa: BLE001 - the driver must hear about any crash
-            self._events.put(_Finished(portable_error(error, self.rank), []))
+            self._events.put(_Finished(portable_error(error, self.rank), ReportLog(self.rank, self.plan.first_index)))
 
     async def _run(self) -> None:
         plan = self.plan
@@ -247,7 +248,7 @@ class RankActor:
         finally:
             storage.close()
         error = portable_error(runtime.training_error, self.rank)
-        self._events.put(_Finished(error, _portable_reports(runtime.report_infos(), self.rank)))
+        self._events.put(_Finished(error, _portable_reports(runtime.report_log(), self.rank)))
 
 
 # -- the driver side -----------------------------------------------------------------------
@@ -281,13 +282,15 @@ class RayBackend:
         self.poll_timeout_s = float(poll_timeout_s)
         self.init_options = dict(init_options or {})
         self.actors: list[Any] = []
-        self._reports: dict[int, list[ReportInfo]] = {}
+        self._reports: dict[int, ReportLog] = {}
+        self._first_index = 0
         self._last_index: dict[int, int] = {}
         self._abort_message: str | None = None
 
     # -- Backend ------------------------------------------------------------------------------
 
     async def run(self, plan: RunPlan, controller: Controller) -> None:
+        self._first_index = plan.first_index
         if not ray.is_initialized():
             # ray.init installs signal handlers, which only the main thread may do; it runs
             # before any rank exists, so blocking the driver's trio run here delays nobody.
@@ -320,8 +323,8 @@ class RayBackend:
             with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_S):
                 await _threads.run_in_thread(self._clean_up, group, abandon_on_cancel=True)
 
-    def reports(self) -> list[ReportInfo]:
-        return [info for rank in sorted(self._reports) for info in self._reports[rank]]
+    def report_logs(self) -> list[ReportLog]:
+        return [self._reports[rank] for rank in sorted(self._reports)]
 
     def abort(self, error: BaseException) -> None:
         self._abort_message = str(error)
@@ -423,7 +426,7 @@ class RayBackend:
                 self._reports[rank] = ray.get(ref, timeout=_CLEANUP_S / 2)
             except (RayActorError, GetTimeoutError) as error:
                 logger.warning("rank %d: its reports are lost with its Ray actor (%s)", rank, error)
-                self._reports[rank] = []
+                self._reports[rank] = ReportLog(rank, self._first_index)
         for actor in self.actors:
             ray.kill(actor, no_restart=True)
         remove_placement_group(group)
