@@ -3,7 +3,7 @@
 ``RUN`` is a run folder: a local path or any fsspec URL (``file://``, ``memory://``,
 ``s3://bucket/runs/exp1``). For every ``checkpoint_NNNNNN`` folder, and every folder the run
 state names, it shows the index, rank 0's metrics, size and number of files, and whether the
-files match the commit marker's manifest (sizes; with ``--deep`` also CRC-32s, which reads
+files match the commit marker's manifest (sizes; with ``--deep`` also CRC-32Cs, which reads
 every byte). Folders without a marker are shown as partial: an upload that never committed, or
 a deletion that stopped half way. The run's kept set is read from ``run_state.json``.
 
@@ -152,7 +152,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("run", help="run folder: a local path or an fsspec URL")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--deep", action="store_true", help="also compare CRC-32s (reads every file)")
+    parser.add_argument("--deep", action="store_true", help="also compare checksums, CRC-32C (reads every file)")
     parser.set_defaults(func=run)
 
 
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
 
 def print_inspection(console: Console, inspection: RunInspection) -> None:
     state = inspection.run_state
-    depth = "sizes and CRC-32" if inspection.deep else "sizes"
+    depth = "sizes and checksums" if inspection.deep else "sizes"
     table = Table(title=f"Checkpoints of {inspection.url} (verified: {depth})")
     for column in ("index", "folder", "status", "kept", "ranks", "files", "MiB"):
         table.add_column(column, no_wrap=True)

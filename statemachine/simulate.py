@@ -12,7 +12,7 @@ time to finish, and then the run folder and the run's record are checked:
 
 * hang: the run did not end within ``--deadline`` seconds (the library promises it always ends);
 * partial commit: a committed checkpoint whose files do not match its manifest byte for byte
-  (size, CRC, and the bytes the rank meant to write), that lacks a rank, or that holds files its
+  (size, CRC-32C, and the bytes the rank meant to write), that lacks a rank, or that holds files its
   manifest does not list;
 * lost report: a ``report()`` call that returned but whose report is not in the result in a
   terminal state;
@@ -43,11 +43,11 @@ import shutil
 import tempfile
 import time
 import uuid
-import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import crc32c
 import fsspec
 import trio
 from rich.console import Console
@@ -324,7 +324,7 @@ def _check_storage(outcome: RunOutcome, config: SimulationConfig, run_root: str)
                     if entry.path == "weights.bin"
                     else json.dumps({"step": committed.index}).encode()
                 )
-                if len(data) != entry.size or f"{zlib.crc32(data) & 0xFFFFFFFF:08x}" != entry.crc32:
+                if len(data) != entry.size or f"{crc32c.crc32c(data):08x}" != entry.checksum:
                     outcome.partial_commits.append(f"{folder}: {relative} does not match its manifest")
                 elif data != expected:
                     outcome.partial_commits.append(f"{folder}: {relative} is not what rank {part.rank} wrote")

@@ -46,9 +46,10 @@ import zlib
 from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import crc32c
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
@@ -57,6 +58,8 @@ from .checkpoint import Checkpoint
 __all__ = [
     "MARKER_NAME",
     "RUN_STATE_NAME",
+    "CHECKSUM_ALGORITHM",
+    "CHECKSUM_NAMES",
     "FileEntry",
     "CheckpointModifiedError",
     "PartManifest",
@@ -103,13 +106,35 @@ def _never_abandoned() -> None:
     return None
 
 
+#: The checksum of new manifests. CRC-32C (Castagnoli) is the one object stores compute
+#: themselves (S3's ``x-amz-checksum-crc32c``, GCS's ``crc32c``), and the ``crc32c`` package
+#: computes it with the CPU's CRC instruction: 0.64 ms for 16 MiB here, against 3.9 ms for
+#: ``zlib.crc32``, the CRC-32 of the manifests written before it (still read and verified).
+CHECKSUM_ALGORITHM = "crc32c"
+_CHECKSUMS: dict[str, Callable[[Any, int], int]] = {"crc32c": crc32c.crc32c, "crc32": zlib.crc32}
+#: How messages name each algorithm.
+CHECKSUM_NAMES = {"crc32c": "CRC-32C", "crc32": "CRC-32"}
+
+
 @dataclass(frozen=True, slots=True)
 class FileEntry:
-    """One file of a part: its path relative to the part folder, size and CRC-32."""
+    """One file of a part: its path relative to the part folder, size and checksum (hex)."""
 
     path: str
     size: int
-    crc32: str
+    checksum: str
+    #: ``crc32c``; markers written by earlier versions say ``crc32``.
+    algorithm: str = CHECKSUM_ALGORITHM
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, self.algorithm: self.checksum}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FileEntry:
+        for algorithm in _CHECKSUMS:
+            if algorithm in data:
+                return cls(str(data["path"]), int(data["size"]), str(data[algorithm]), algorithm)
+        raise ValueError(f"manifest entry {data!r} has no checksum (one of {sorted(_CHECKSUMS)})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +159,7 @@ class PartManifest:
         if pending is None:
             return
         results = pending.result()
-        files = tuple(FileEntry(f.path, f.size, crc) for f, (_, crc) in zip(self.files, results, strict=True))
+        files = tuple(FileEntry(f.path, f.size, crc, f.algorithm) for f, (_, crc) in zip(self.files, results, strict=True))
         # Frozen for everyone else; completing it once, in place, keeps every holder of this
         # manifest (the controller's list of commits included) looking at the same files.
         object.__setattr__(self, "files", files)
@@ -148,11 +173,11 @@ class PartManifest:
 
     def to_json(self) -> dict[str, Any]:
         self.wait_for_checksums()
-        return {"rank": self.rank, "path": self.path, "bytes": self.bytes, "files": [asdict(f) for f in self.files]}
+        return {"rank": self.rank, "path": self.path, "bytes": self.bytes, "files": [f.to_json() for f in self.files]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> PartManifest:
-        return cls(int(data["rank"]), str(data["path"]), tuple(FileEntry(**f) for f in data["files"]))
+        return cls(int(data["rank"]), str(data["path"]), tuple(FileEntry.from_json(f) for f in data["files"]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,23 +240,24 @@ def _crc_hex(value: int) -> str:
     return f"{value & 0xFFFFFFFF:08x}"
 
 
-def file_crc32(path: str) -> tuple[int, str]:
-    """Size and CRC-32 (hex) of a local file.
+def file_checksum(path: str, algorithm: str = CHECKSUM_ALGORITHM) -> tuple[int, str]:
+    """Size and checksum (hex) of a local file.
 
-    Through ``mmap``: ``zlib.crc32`` then reads the page cache in place, with the GIL released
+    Through ``mmap``: the checksum then reads the page cache in place, with the GIL released
     for the whole file, and no buffer is allocated (zeroing an 8 MiB ``bytearray`` per upload
     held the GIL for about a millisecond, which other ranks' ``report()`` calls waited out).
     """
+    update = _CHECKSUMS[algorithm]
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size == 0:
             return 0, _crc_hex(0)
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            return len(mapped), _crc_hex(zlib.crc32(mapped))
+            return len(mapped), _crc_hex(update(mapped, 0))
 
 
 def _checksum_files(paths: list[str]) -> list[tuple[int, str]]:
-    return [file_crc32(path) for path in paths]
+    return [file_checksum(path) for path in paths]
 
 
 class _ProgressAdapter(fsspec.callbacks.Callback):  # type: ignore[misc]
@@ -553,8 +579,9 @@ class RunStorage:
         # The copy is ``fs.put``, the call a raw copy would make (sendfile on a local file
         # system, concurrent multipart on S3), so an upload costs what copying the files costs.
         # The checksums are computed by other threads: on a local disk after the upload, from
-        # the delivered files, and waited for only by the commit (a CRC-32 costs as much CPU as
-        # a page-cache copy, so computing it while copying doubled a SYNC report); elsewhere
+        # the delivered files, and waited for only by the commit (zlib's CRC-32 cost as much CPU
+        # as a page-cache copy and doubled a SYNC report when computed while copying; CRC-32C
+        # costs a sixth of that, which the training thread need not wait for either); elsewhere
         # during the upload, from the source (reading the upload back would download it).
         checksums = None if self.is_local else self._checksummer().submit(_checksum_files, sources)
         try:
@@ -652,7 +679,7 @@ class RunStorage:
         with self._probe_lock:
             if self._checksum_pool is None:
                 self._checksum_pool = futures.ThreadPoolExecutor(
-                    max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="statemachine-crc32"
+                    max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="statemachine-checksum"
                 )
             return self._checksum_pool
 
@@ -715,18 +742,19 @@ class RunStorage:
             raise FileNotFoundError(f"NO_UPLOAD checkpoint folder {self.url(part_relpath)} does not exist")
         entries: list[FileEntry] = []
         for path in sorted(self.fs.find(base)):
-            entries.append(FileEntry(path[len(base) :].lstrip("/"), *self.file_crc32(path)))
+            entries.append(FileEntry(path[len(base) :].lstrip("/"), *self.file_checksum(path)))
         return PartManifest(rank, part_relpath, tuple(entries))
 
-    def file_crc32(self, path: str) -> tuple[int, str]:
-        """Size and CRC-32 (hex) of a file in this storage, read once."""
+    def file_checksum(self, path: str, algorithm: str = CHECKSUM_ALGORITHM) -> tuple[int, str]:
+        """Size and checksum (hex) of a file in this storage, read once."""
         if self.is_local:
-            return file_crc32(path)  # mmap: no 8 MiB buffer per read
+            return file_checksum(path, algorithm)  # mmap: no 8 MiB buffer per read
+        update = _CHECKSUMS[algorithm]
         crc = 0
         size = 0
         with self.fs.open(path, "rb") as handle:
             while chunk := handle.read(CHUNK_SIZE):
-                crc = zlib.crc32(chunk, crc)
+                crc = update(chunk, crc)
                 size += len(chunk)
         return size, _crc_hex(crc)
 

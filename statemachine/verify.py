@@ -1,6 +1,6 @@
 """Check a committed checkpoint's files against the manifest in its commit marker.
 
-The marker says which files each rank contributed, with sizes and CRC-32s. A folder can stop
+The marker says which files each rank contributed, with sizes and CRC-32Cs. A folder can stop
 matching it after the commit: someone deleted or truncated a file, a bucket lifecycle rule
 expired part of it, a copy between buckets was interrupted. Resume must not start from such a
 checkpoint, and ``inspect`` must show it.
@@ -10,7 +10,7 @@ Two depths:
 * quick (the default, used on every resume): one recursive listing of the checkpoint folder,
   then every manifest file must be present with its size. No file is read, so the cost is a few
   listing calls whatever the checkpoint's size.
-* deep: additionally reads every file and compares its CRC-32 with the manifest's.
+* deep: additionally reads every file and compares its checksum (CRC-32C) with the manifest's.
 
 Files in the folder that the manifest does not name are reported as ``extra`` but do not make
 the checkpoint invalid: a rank may legitimately leave a log next to its files.
@@ -22,7 +22,7 @@ import posixpath
 from dataclasses import dataclass, field
 from typing import Any
 
-from .storage import MARKER_NAME, STAGING_NAME, CommittedCheckpoint, RunStorage
+from .storage import CHECKSUM_NAMES, MARKER_NAME, STAGING_NAME, CommittedCheckpoint, RunStorage
 
 __all__ = ["Verification", "verify_checkpoint"]
 
@@ -37,7 +37,7 @@ class Verification:
     #: Files named by the manifest and their total size.
     files: int = 0
     bytes: int = 0
-    #: One line per mismatch (missing file, wrong size, wrong CRC-32); empty when valid.
+    #: One line per mismatch (missing file, wrong size, wrong checksum); empty when valid.
     problems: list[str] = field(default_factory=list)
     #: Files in the folder that the manifest does not name (not an error).
     extra: list[str] = field(default_factory=list)
@@ -85,9 +85,10 @@ def verify_checkpoint(storage: RunStorage, checkpoint: CommittedCheckpoint, deep
                 result.problems.append(f"{where} has {size} bytes, the manifest says {entry.size}")
                 continue
             if deep:
-                _, crc = storage.file_crc32(storage.path(relative))
-                if crc != entry.crc32:
-                    result.problems.append(f"{where} has CRC-32 {crc}, the manifest says {entry.crc32}")
+                _, crc = storage.file_checksum(storage.path(relative), entry.algorithm)
+                if crc != entry.checksum:
+                    name = CHECKSUM_NAMES[entry.algorithm]
+                    result.problems.append(f"{where} has {name} {crc}, the manifest says {entry.checksum}")
     own = posixpath.normpath(checkpoint.path)
     result.extra = sorted(
         name[len(own) + 1 :]

@@ -18,10 +18,10 @@ import re
 import tempfile
 import threading
 import uuid
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import crc32c
 import fsspec
 import pytest
 import trio
@@ -171,7 +171,7 @@ def assert_committed_intact(root: str, name: str = "run") -> list[int]:
                 with open(path, "rb") as handle:
                     data = handle.read()
                 assert len(data) == entry["size"], path
-                assert f"{zlib.crc32(data) & 0xFFFFFFFF:08x}" == entry["crc32"], path
+                assert f"{crc32c.crc32c(data):08x}" == entry["crc32c"], path
                 assert data == data_for(part["rank"], manifest["index"]), path
                 listed.add(os.path.relpath(path, os.path.join(run_root, folder)))
         present = {

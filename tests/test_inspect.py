@@ -97,7 +97,7 @@ def test_inspect_deep_finds_a_changed_byte_that_sizes_cannot(
     assert main(["inspect", run_url]) == 0
     assert main(["inspect", run_url, "--deep"]) == 1
     text = capsys.readouterr().out
-    assert "checkpoint_000003" in text and "CRC-32" in text and "corrupt" in text
+    assert "checkpoint_000003" in text and "CRC-32C" in text and "corrupt" in text
 
 
 def test_inspect_of_a_folder_that_does_not_exist_exits_2(memory_url: str) -> None:

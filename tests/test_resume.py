@@ -105,15 +105,15 @@ def test_quick_verification_misses_same_size_corruption_and_deep_verification_fi
     deep = verify_checkpoint(storage, committed[0], deep=True)
     assert not deep.ok
     assert deep.problems == [
-        f"rank 0: checkpoint_000000/rank_0/weights.bin has CRC-32 {_crc(bytes(data))}, the manifest says "
-        f"{committed[0].parts[0].files[1].crc32}"
+        f"rank 0: checkpoint_000000/rank_0/weights.bin has CRC-32C {_crc(bytes(data))}, the manifest says "
+        f"{committed[0].parts[0].files[1].checksum}"
     ]
 
 
 def _crc(data: bytes) -> str:
-    import zlib
+    import crc32c
 
-    return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
+    return f"{crc32c.crc32c(data):08x}"
 
 
 def test_every_checkpoint_damaged_means_a_fresh_start_with_later_indices(memory_url: str) -> None:

@@ -12,10 +12,10 @@ import json
 import os
 import posixpath
 import uuid
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import crc32c
 import fsspec
 import pytest
 
@@ -124,7 +124,7 @@ def test_mixed_modes_over_s3_commit_every_index_in_order_with_a_manifest_that_ma
             (entry,) = part["files"]
             data = fs.cat_file(f"{run}/{part['path']}/{entry['path']}")
             assert data == _payload(part["rank"], index)
-            assert entry["crc32"] == f"{zlib.crc32(data):08x}" and entry["size"] == len(data)
+            assert entry["crc32c"] == f"{crc32c.crc32c(data):08x}" and entry["size"] == len(data)
     assert not [p for p in fs.find(run) if "/.staging/" in p]
     assert json.loads(fs.cat_file(f"{run}/run_state.json"))["latest"] == 2
     assert result.checkpoint is not None
