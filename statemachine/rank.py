@@ -637,6 +637,7 @@ class RankRuntime:
             upload_fn=request.upload_fn,
             progress=functools.partial(listener, self.rank, index) if listener is not None else None,
             linked=request.linked,
+            spread=request.mode is CheckpointUploadMode.SYNC,
         )
 
     def _clean_up_after_upload(self, request: ReportRequest) -> None:

@@ -29,6 +29,7 @@ Everything here is blocking I/O: the runtime calls it through ``trio.to_thread``
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import json
@@ -38,6 +39,7 @@ import os
 import posixpath
 import re
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -254,6 +256,69 @@ def file_checksum(path: str, algorithm: str = CHECKSUM_ALGORITHM) -> tuple[int, 
             return 0, _crc_hex(0)
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
             return len(mapped), _crc_hex(update(mapped, 0))
+
+
+#: Helper threads of a SYNC upload to a local disk, besides the calling thread.
+COPY_HELPERS = max(1, min(3, (os.cpu_count() or 1) - 1))
+
+
+def _copy_files_spread(
+    sources: list[str],
+    destinations: list[str],
+    sizes: list[int],
+    helpers: futures.Executor,
+    check: Callable[[], None],
+) -> None:
+    """Copy files on a local disk with the calling thread and helper threads together.
+
+    A page-cache copy keeps one core busy, and ``fs.put`` copies one file after another; two
+    threads copied the four 4 MiB files of ``bench``'s checkpoint 1.5-1.7x as fast on this
+    project's 2-core machine. Files are taken largest first from one shared queue, so a helper
+    that starts late (its pool busy with another rank's upload) finds nothing left and the
+    caller never waits for work that has not begun. Raises the first error after every copy
+    that started has stopped; ``check`` runs before each file, so an abandoned attempt stops
+    at its next file.
+    """
+    queue = collections.deque(sorted(zip(sizes, sources, destinations, strict=True), reverse=True))
+    errors: list[BaseException] = []
+
+    def drain() -> None:
+        while not errors:
+            try:
+                _size, source, destination = queue.popleft()
+            except IndexError:
+                return
+            try:
+                check()
+                shutil.copyfile(source, destination)
+            except BaseException as error:  # noqa: BLE001 - raised in the calling thread below
+                errors.append(error)
+
+    started = [helpers.submit(drain) for _ in range(min(len(sources) - 1, COPY_HELPERS))]
+    drain()
+    futures.wait(started)
+    if errors:
+        raise errors[0]
+
+
+#: How much nicer than the process the checksum threads are (Linux; see below).
+BACKGROUND_NICENESS = 10
+
+
+def _lower_thread_priority() -> None:
+    """Make the calling thread ``BACKGROUND_NICENESS`` nicer than the process (Linux only).
+
+    After a SYNC upload, the checksum of the delivered files starts as the calling thread asks
+    the rank's trio thread to finish the report; with both cores busy (the checksum and the
+    staging refill), the trio thread waited about 1.8 ms to run, a third of a 16 MiB report.
+    At niceness +10 it ran within 0.16 ms. Linux gives each thread its own niceness; elsewhere
+    ``setpriority`` would change the whole process, so nothing is done there.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError):
+        thread = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + BACKGROUND_NICENESS))
 
 
 def _checksum_files(paths: list[str]) -> list[tuple[int, str]]:
@@ -494,6 +559,7 @@ class RunStorage:
         self._probe_lock = threading.Lock()
         self._conditional_create: bool | None = None
         self._checksum_pool: futures.ThreadPoolExecutor | None = None
+        self._copy_pool: futures.ThreadPoolExecutor | None = None
         #: Staging folders made ahead of time (local disks only; see :meth:`upload_part`).
         self._staging_folders: SnapshotFolders | None = None
         if self.is_local:
@@ -535,8 +601,14 @@ class RunStorage:
         progress: ProgressCallback | None = None,
         linked: LinkStats | None = None,
         attempt: AttemptGuard | None = None,
+        spread: bool = False,
     ) -> PartManifest:
         """Copy ``local_dir`` to ``part_relpath``; return its manifest.
+
+        ``spread``: someone waits for this upload (SYNC), so on a local disk the files are
+        copied by the calling thread and up to ``cpu_count - 1`` helper threads at once (see
+        :func:`_copy_files_spread`); other uploads copy in one thread and leave the other
+        cores to the training.
 
         An attempt abandoned on a timeout may still be writing when a later attempt of the same
         part finishes, and must never change what that one delivered. Two ways keep it so:
@@ -597,6 +669,8 @@ class RunStorage:
             callback = _ProgressAdapter(progress, check=check)
             if direct:
                 self._put_created(sources, destinations, sizes, options, callback)
+            elif spread and self.is_local and len(sources) > 1:
+                _copy_files_spread(sources, destinations, sizes, self._copier(), check)
             elif sources:
                 if self.is_s3:
                     options["batch_size"] = self.fs.max_concurrency
@@ -675,13 +749,27 @@ class RunStorage:
 
     def _checksummer(self) -> futures.ThreadPoolExecutor:
         """This storage's checksum threads, started once (starting a thread per upload waited for
-        the OS to schedule it, milliseconds on a busy machine, inside a SYNC report)."""
+        the OS to schedule it, milliseconds on a busy machine, inside a SYNC report).
+
+        Nothing waits for them but a commit, so they run at a lower priority (see
+        :func:`_lower_thread_priority`)."""
         with self._probe_lock:
             if self._checksum_pool is None:
                 self._checksum_pool = futures.ThreadPoolExecutor(
-                    max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="statemachine-checksum"
+                    max_workers=max(1, min(4, os.cpu_count() or 1)),
+                    thread_name_prefix="statemachine-checksum",
+                    initializer=_lower_thread_priority,
                 )
             return self._checksum_pool
+
+    def _copier(self) -> futures.ThreadPoolExecutor:
+        """Helper threads for SYNC uploads to a local disk (see :func:`_copy_files_spread`)."""
+        with self._probe_lock:
+            if self._copy_pool is None:
+                self._copy_pool = futures.ThreadPoolExecutor(
+                    max_workers=COPY_HELPERS, thread_name_prefix="statemachine-copy"
+                )
+            return self._copy_pool
 
     def _has_conditional_create(self) -> bool:
         """Whether the store refuses a second ``If-None-Match: *`` PUT of a key (probed once)."""

@@ -151,6 +151,8 @@ class UploadJob:
     progress: ProgressCallback | None = None
     #: Snapshot-time stats of hard-linked files (see ``storage.snapshot_directory``).
     linked: LinkStats | None = None
+    #: Someone waits for this upload (SYNC): copy files with helper threads too.
+    spread: bool = False
 
 
 _Work = Callable[["_Attempt", list[int]], PartManifest]
@@ -225,7 +227,7 @@ def upload_work(job: UploadJob) -> _Work:
                     job.progress(n)
 
             return job.storage.upload_part(
-                source, part_relpath, job.rank, progress=count, attempt=attempt, linked=job.linked
+                source, part_relpath, job.rank, progress=count, attempt=attempt, linked=job.linked, spread=job.spread
             )
 
     else:

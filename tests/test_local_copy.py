@@ -1,0 +1,106 @@
+"""Local-disk uploads: SYNC copies spread over helper threads; checksum threads run nicer."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from concurrent import futures
+from typing import Any
+
+import pytest
+
+import statemachine as sm
+from statemachine.storage import RunStorage, _copy_files_spread
+
+SIZES = [300_000, 5, 70_000, 0, 123_456]
+
+
+def _files(tmp_path: Any) -> tuple[list[str], list[str], list[int]]:
+    source, target = os.path.join(str(tmp_path), "source"), os.path.join(str(tmp_path), "target")
+    os.makedirs(source)
+    os.makedirs(target)
+    sources, destinations = [], []
+    for number, size in enumerate(SIZES):
+        path = os.path.join(source, f"f{number}.bin")
+        with open(path, "wb") as handle:
+            handle.write(os.urandom(size))
+        sources.append(path)
+        destinations.append(os.path.join(target, f"f{number}.bin"))
+    return sources, destinations, list(SIZES)
+
+
+def _same(a: str, b: str) -> bool:
+    with open(a, "rb") as one, open(b, "rb") as other:
+        return one.read() == other.read()
+
+
+def test_spread_copy_delivers_every_file_using_the_helpers(tmp_path: Any) -> None:
+    sources, destinations, sizes = _files(tmp_path)
+    copied_by: set[int] = set()
+    with futures.ThreadPoolExecutor(2) as helpers:
+        # The caller waits at the first file until a helper took one: both threads must copy.
+        took = threading.Barrier(2, timeout=10)
+
+        def check() -> None:
+            ident = threading.get_ident()
+            if ident not in copied_by:
+                copied_by.add(ident)
+                took.wait()
+
+        _copy_files_spread(sources, destinations, sizes, helpers, check)
+    assert len(copied_by) == 2
+    assert all(_same(a, b) for a, b in zip(sources, destinations, strict=True))
+
+
+def test_spread_copy_raises_the_first_error_after_every_started_copy_stopped(tmp_path: Any) -> None:
+    sources, destinations, sizes = _files(tmp_path)
+    os.remove(sources[2])
+    with futures.ThreadPoolExecutor(2) as helpers, pytest.raises(FileNotFoundError, match=r"f2\.bin"):
+        _copy_files_spread(sources, destinations, sizes, helpers, lambda: None)
+
+
+def test_spread_copy_stops_at_the_next_file_once_the_attempt_is_abandoned(tmp_path: Any) -> None:
+    sources, destinations, sizes = _files(tmp_path)
+    calls = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) > 1:
+            raise TimeoutError("attempt abandoned")
+
+    with futures.ThreadPoolExecutor(1) as helpers, pytest.raises(TimeoutError):
+        _copy_files_spread(sources, destinations, sizes, helpers, check)
+    assert sum(os.path.exists(d) for d in destinations) == 1  # the file whose check passed
+
+
+def _train(config: dict[str, Any]) -> None:
+    sources, _destinations, _sizes = config["files"]
+    sm.report(
+        {"step": 0},
+        checkpoint=sm.Checkpoint.from_directory(os.path.dirname(sources[0])),
+        checkpoint_upload_mode=sm.CheckpointUploadMode.SYNC,
+    )
+
+
+def test_a_sync_report_of_several_files_commits_them_all(tmp_path: Any) -> None:
+    files = _files(tmp_path)
+    storage = os.path.join(str(tmp_path), "storage")
+    result = sm.Trainer(
+        _train, train_loop_config={"files": files}, run_config=sm.RunConfig(storage_path=storage, name="spread")
+    ).fit()
+    assert result.checkpoint is not None
+    folder = os.path.join(storage, "spread", "checkpoint_000000", "rank_0")
+    assert sorted(os.listdir(folder)) == sorted(os.path.basename(p) for p in files[0])
+    assert all(_same(p, os.path.join(folder, os.path.basename(p))) for p in files[0])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+def test_checksum_threads_are_nicer_than_the_process(tmp_path: Any) -> None:
+    storage = RunStorage(str(tmp_path), "nice")
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    background = storage._checksummer().submit(niceness).result()
+    assert background == min(19, niceness() + 10)
