@@ -47,6 +47,27 @@ def reporting_finished() -> None:
         _reporting -= 1
 
 
+#: How long background work waits at most for the training threads inside ``report()``.
+REPORT_GRACE_S = 0.02
+
+
+async def yield_to_reports() -> None:
+    """Wait (at most :data:`REPORT_GRACE_S`) while a training thread is inside ``report()``.
+
+    An ASYNC upload or a NO_UPLOAD registration need not start the instant its ``report()``
+    returned, and the Python work of starting one holds the GIL. When ranks report at the same
+    step (every rank of a data-parallel job does), the first uploads used to start while the
+    other ranks were still snapshotting, and their ``report()`` waited for the GIL: about 10 ms
+    at p99 with 8 ranks of 16 MiB on 2 cores. A rank alone never waits here. Upload attempts
+    that waited for a background copy slot (``upload.background_copy_slots``) yield here too.
+    """
+    if not _reporting:
+        return
+    with trio.move_on_after(REPORT_GRACE_S):
+        while _reporting:
+            await trio.sleep(0.0005)
+
+
 def reports_in_progress() -> int:
     """How many training threads are validating or snapshotting a report right now."""
     return _reporting

@@ -70,7 +70,14 @@ from .storage import (
     snapshot_directory,
     validate_dir_name,
 )
-from .upload import FirstAttempt, UploadFn, UploadJob, register_part, upload_report
+from .upload import (
+    FirstAttempt,
+    UploadFn,
+    UploadJob,
+    background_copy_slots,
+    register_part,
+    upload_report,
+)
 
 __all__ = ["HandOffMessage", "RankRuntime", "RankSink", "ReportRequest"]
 
@@ -553,7 +560,7 @@ class RankRuntime:
             self._refill_snapshot_folders()
         try:
             if request.snapshot or request.registered_part is not None:
-                await _yield_to_reports()
+                await _threads.yield_to_reports()
             if request.upload_source is None:
                 if request.registered_part is not None:
                     record.part = await register_part(
@@ -638,6 +645,9 @@ class RankRuntime:
             progress=functools.partial(listener, self.rank, index) if listener is not None else None,
             linked=request.linked,
             spread=request.mode is CheckpointUploadMode.SYNC,
+            copy_slots=background_copy_slots(self.upload.background_local_copies)
+            if request.mode is CheckpointUploadMode.ASYNC and request.upload_fn is None and self.storage.is_local
+            else None,
         )
 
     def _clean_up_after_upload(self, request: ReportRequest) -> None:
@@ -704,25 +714,6 @@ class RankRuntime:
 
 
 #: The longest a background upload or registration waits for ``report()`` calls to finish.
-REPORT_GRACE_S = 0.02
-
-
-async def _yield_to_reports() -> None:
-    """Wait (at most :data:`REPORT_GRACE_S`) while a training thread is inside ``report()``.
-
-    An ASYNC upload or a NO_UPLOAD registration need not start the instant its ``report()``
-    returned, and the Python work of starting one holds the GIL. When ranks report at the same
-    step (every rank of a data-parallel job does), the first uploads used to start while the
-    other ranks were still snapshotting, and their ``report()`` waited for the GIL: about 10 ms
-    at p99 with 8 ranks of 16 MiB on 2 cores. A rank alone never waits here.
-    """
-    if not _threads.reports_in_progress():
-        return
-    with trio.move_on_after(REPORT_GRACE_S):
-        while _threads.reports_in_progress():
-            await trio.sleep(0.0005)
-
-
 def _call_train_fn(train_fn: Callable[..., Any], config: Mapping[str, Any] | None) -> Any:
     return train_fn(config) if _takes_config(train_fn) else train_fn()
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -153,6 +154,8 @@ class UploadJob:
     linked: LinkStats | None = None
     #: Someone waits for this upload (SYNC): copy files with helper threads too.
     spread: bool = False
+    #: Held by each attempt while it runs (see :func:`background_copy_slots`); None: no bound.
+    copy_slots: trio.CapacityLimiter | None = None
 
 
 _Work = Callable[["_Attempt", list[int]], PartManifest]
@@ -245,8 +248,43 @@ async def upload_report(job: UploadJob, timings: ReportTimings, first: FirstAtte
     work = upload_work(job)
     part_relpath = job.storage.part_relpath(job.checkpoint_dir, job.rank)
     return await _with_retries(
-        job.rank, job.index, job.policy, "upload", work, timings, _publish_lock(job.storage.url(part_relpath)), first
+        job.rank,
+        job.index,
+        job.policy,
+        "upload",
+        work,
+        timings,
+        _publish_lock(job.storage.url(part_relpath)),
+        first,
+        job.copy_slots,
     )
+
+
+#: The background copy slots of one trio run (all the ranks of a local run share them).
+_COPY_SLOTS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("statemachine_copy_slots")
+
+
+def default_background_copies() -> int:
+    """One fewer than the CPUs this process may run on, at least one."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, cpus - 1)
+
+
+def background_copy_slots(limit: int | None) -> trio.CapacityLimiter:
+    """The limiter ASYNC uploads to a local disk hold while they copy (see
+    ``UploadConfig.background_local_copies``); made by the first caller of the trio run.
+
+    Only the attempt holds it, never the wait for it: a queued upload is not timed out by
+    ``RetryPolicy.attempt_timeout_s``."""
+    try:
+        return _COPY_SLOTS.get()
+    except LookupError:
+        slots = trio.CapacityLimiter(limit or default_background_copies())
+        _COPY_SLOTS.set(slots)
+        return slots
 
 
 async def register_part(
@@ -285,6 +323,7 @@ async def _with_retries(
     timings: ReportTimings,
     publish_lock: _PublishLock,
     first: FirstAttempt | None = None,
+    slots: trio.CapacityLimiter | None = None,
 ) -> PartManifest:
     def log_back_off(state: tenacity.RetryCallState) -> None:
         wait = state.next_action.sleep if state.next_action is not None else 0.0
@@ -307,7 +346,7 @@ async def _with_retries(
             with attempt:
                 number = attempt.retry_state.attempt_number
                 made = first if number == 1 else None
-                part = await _one_attempt(rank, index, policy, what, number, work, publish_lock, made)
+                part = await _one_attempt(rank, index, policy, what, number, work, publish_lock, made, slots)
     finally:
         timings.retries = float(max(number - 1, 0))
     if part is None:
@@ -324,6 +363,7 @@ async def _one_attempt(
     work: Callable[[_Attempt, list[int]], PartManifest],
     publish_lock: _PublishLock,
     first: FirstAttempt | None = None,
+    slots: trio.CapacityLimiter | None = None,
 ) -> PartManifest:
     guard = _Attempt(publish_lock) if first is None else first.guard
     written = [0] if first is None else first.written
@@ -331,6 +371,11 @@ async def _one_attempt(
     try:
         if first is not None:
             part = await first.wait()
+        elif slots is not None:
+            async with slots:
+                await _threads.yield_to_reports()  # a slot frees at any moment, even mid-report
+                started = time.perf_counter()
+                part = await _bounded(lambda: work(guard, written), guard, policy.attempt_timeout_s)
         else:
             part = await _bounded(lambda: work(guard, written), guard, policy.attempt_timeout_s)
     except BaseException as error:

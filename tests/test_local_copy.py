@@ -1,4 +1,4 @@
-"""Local-disk uploads: SYNC copies spread over helper threads; checksum threads run nicer."""
+"""Local-disk uploads: SYNC copies spread over helper threads, background copies bounded, checksums nicer."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ from concurrent import futures
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 
 import statemachine as sm
+from statemachine.config import RetryPolicy
+from statemachine.result import ReportTimings
 from statemachine.storage import RunStorage, _copy_files_spread
+from statemachine.upload import UploadJob, upload_report
 
 SIZES = [300_000, 5, 70_000, 0, 123_456]
 
@@ -104,3 +109,58 @@ def test_checksum_threads_are_nicer_than_the_process(tmp_path: Any) -> None:
 
     background = storage._checksummer().submit(niceness).result()
     assert background == min(19, niceness() + 10)
+
+
+def _source(tmp_path: Any, name: str) -> str:
+    folder = os.path.join(str(tmp_path), name)
+    os.makedirs(folder)
+    with open(os.path.join(folder, "weights.bin"), "wb") as handle:
+        handle.write(os.urandom(1000))
+    return folder
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_background_uploads_copy_one_at_a_time_when_the_slots_say_so(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch, bounded: bool
+) -> None:
+    storage = RunStorage(os.path.join(str(tmp_path), "storage"), "slots")
+    inside: list[int] = []
+    release = threading.Event()
+    real_upload = RunStorage.upload_part
+    copying = {"expected": 1 if bounded else 2}
+
+    def upload_part(self: RunStorage, *args: Any, **kwargs: Any) -> Any:
+        inside.append(threading.get_ident())
+        if len(inside) == copying["expected"]:
+            trio.from_thread.run_sync(copying["entered"].set, trio_token=copying["token"])
+        release.wait(timeout=30)  # set by the test once it has looked
+        return real_upload(self, *args, **kwargs)
+
+    monkeypatch.setattr(RunStorage, "upload_part", upload_part)
+
+    async def main() -> None:
+        copying["entered"], copying["token"] = trio.Event(), trio.lowlevel.current_trio_token()
+        slots = trio.CapacityLimiter(1) if bounded else None
+        jobs = [
+            UploadJob(storage, rank, 0, RetryPolicy(), "checkpoint_000000", _source(tmp_path, f"r{rank}"), copy_slots=slots)
+            for rank in range(2)
+        ]
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                for job in jobs:
+                    nursery.start_soon(upload_report, job, ReportTimings())
+                await copying["entered"].wait()  # as many copies as may run are running
+                await trio.testing.wait_all_tasks_blocked()
+                if bounded:
+                    assert slots is not None and slots.statistics().tasks_waiting == 1
+                    assert len(inside) == 1
+                release.set()
+        assert len(inside) == 2
+
+    trio.run(main)
+    assert sorted(os.listdir(storage.path("checkpoint_000000"))) == ["rank_0", "rank_1"]
+
+
+def test_background_local_copies_is_checked_at_the_config() -> None:
+    with pytest.raises(ValueError, match="background_local_copies must be None or an int >= 1, got 0"):
+        sm.UploadConfig(background_local_copies=0)

@@ -405,13 +405,13 @@ def test_round_trip_reports_never_overtake_posted_ones(file_url: str) -> None:
 
 def test_background_work_waits_for_a_report_in_progress_but_never_longer_than_the_grace() -> None:
     from statemachine import _threads
-    from statemachine.rank import REPORT_GRACE_S, _yield_to_reports
+    from statemachine._threads import REPORT_GRACE_S
 
     waited: dict[str, float] = {}
 
     async def timed(name: str) -> None:
         start = trio.current_time()
-        await _yield_to_reports()
+        await _threads.yield_to_reports()
         waited[name] = trio.current_time() - start
 
     async def main() -> None:
