@@ -713,7 +713,6 @@ class RankRuntime:
             raise RunAbortedError(f"rank {self.rank}: the run is ending ({self.aborted!r})")
 
 
-#: The longest a background upload or registration waits for ``report()`` calls to finish.
 def _call_train_fn(train_fn: Callable[..., Any], config: Mapping[str, Any] | None) -> Any:
     return train_fn(config) if _takes_config(train_fn) else train_fn()
 

@@ -18,6 +18,8 @@ __all__ = ["ReportInfo", "ReportLog", "Reports", "Result"]
 
 _MODES = list(CheckpointUploadMode)
 _STATES = list(ReportState)
+_MODE_CODES = {mode: code for code, mode in enumerate(_MODES)}
+_STATE_CODES = {state: code for code, state in enumerate(_STATES)}
 #: How :class:`ReportLog` stores a report's checkpoint folder.
 _NO_DIR, _DEFAULT_DIR, _CUSTOM_DIR = 0, 1, 2
 
@@ -122,8 +124,8 @@ class ReportLog:
         position = len(self._modes)
         if index != self.first_index + position:
             raise ValueError(f"rank {self.rank}: report {index} added out of order (expected {self.first_index + position})")
-        self._modes.append(_MODES.index(mode))
-        self._states.append(_STATES.index(state))
+        self._modes.append(_MODE_CODES[mode])
+        self._states.append(_STATE_CODES[state])
         if checkpoint_dir is None:
             self._dirs.append(_NO_DIR)
         elif checkpoint_dir == checkpoint_dir_name(index):
