@@ -25,10 +25,10 @@ _NO_DIR, _DEFAULT_DIR, _CUSTOM_DIR = 0, 1, 2
 
 
 class ReportTimings:
-    """The timings of one report while the run goes on; :class:`ReportInfo` gets them as a dict.
+    """The timings of one report while it is open; :class:`ReportLog` keeps them once it ended.
 
-    Slots rather than a dict per report: a run keeps one per report until it ends, and a dict
-    with its keys and floats cost about 200 bytes more (``bench``'s memory section).
+    Filled by the upload (``upload_s``, ``bytes``, ``retries``) and by ``report()`` as it
+    returns (``blocked_s``); None is a timing not taken.
     """
 
     __slots__ = ("blocked_s", "bytes", "retries", "upload_s")
@@ -38,14 +38,6 @@ class ReportTimings:
         self.upload_s: float | None = None
         self.bytes: float | None = None
         self.retries: float | None = None
-
-    def as_dict(self) -> dict[str, float]:
-        found = {}
-        for name in self.__slots__:
-            value = getattr(self, name)
-            if value is not None:
-                found[name] = value
-        return found
 
 
 @dataclass(frozen=True, slots=True)
