@@ -47,6 +47,14 @@ def reporting_finished() -> None:
         _reporting -= 1
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 #: How long background work waits at most for the training threads inside ``report()``.
 REPORT_GRACE_S = 0.02
 

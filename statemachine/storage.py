@@ -55,6 +55,7 @@ import crc32c
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from . import _threads
 from .checkpoint import Checkpoint
 
 __all__ = [
@@ -259,7 +260,7 @@ def file_checksum(path: str, algorithm: str = CHECKSUM_ALGORITHM) -> tuple[int, 
 
 
 #: Helper threads of a SYNC upload to a local disk, besides the calling thread.
-COPY_HELPERS = max(1, min(3, (os.cpu_count() or 1) - 1))
+COPY_HELPERS = max(1, min(3, _threads.usable_cpus() - 1))
 
 
 def _copy_files_spread(
@@ -756,7 +757,7 @@ class RunStorage:
         with self._probe_lock:
             if self._checksum_pool is None:
                 self._checksum_pool = futures.ThreadPoolExecutor(
-                    max_workers=max(1, min(4, os.cpu_count() or 1)),
+                    max_workers=max(1, min(4, _threads.usable_cpus())),
                     thread_name_prefix="statemachine-checksum",
                     initializer=_lower_thread_priority,
                 )

@@ -43,7 +43,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import threading
 import time
 import weakref
@@ -266,11 +265,7 @@ _COPY_SLOTS: trio.lowlevel.RunVar[trio.CapacityLimiter] = trio.lowlevel.RunVar("
 
 def default_background_copies() -> int:
     """One fewer than the CPUs this process may run on, at least one."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, cpus - 1)
+    return max(1, _threads.usable_cpus() - 1)
 
 
 def background_copy_slots(limit: int | None) -> trio.CapacityLimiter:
