@@ -47,6 +47,11 @@ def reporting_finished() -> None:
         _reporting -= 1
 
 
+def reports_in_progress() -> int:
+    """How many training threads are validating or snapshotting a report right now."""
+    return _reporting
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one)."""
     try:
@@ -69,16 +74,11 @@ async def yield_to_reports() -> None:
     at p99 with 8 ranks of 16 MiB on 2 cores. A rank alone never waits here. Upload attempts
     that waited for a background copy slot (``upload.background_copy_slots``) yield here too.
     """
-    if not _reporting:
+    if not reports_in_progress():
         return
     with trio.move_on_after(REPORT_GRACE_S):
-        while _reporting:
+        while reports_in_progress():
             await trio.sleep(0.0005)
-
-
-def reports_in_progress() -> int:
-    """How many training threads are validating or snapshotting a report right now."""
-    return _reporting
 
 
 #: Training threads waiting, outside ``call_from_thread``, for trio to finish their report.
