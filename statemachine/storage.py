@@ -561,6 +561,7 @@ class RunStorage:
         self._conditional_create: bool | None = None
         self._checksum_pool: futures.ThreadPoolExecutor | None = None
         self._copy_pool: futures.ThreadPoolExecutor | None = None
+        self._background_pool: futures.ThreadPoolExecutor | None = None
         #: Staging folders made ahead of time (local disks only; see :meth:`upload_part`).
         self._staging_folders: SnapshotFolders | None = None
         if self.is_local:
@@ -608,8 +609,8 @@ class RunStorage:
 
         ``spread``: someone waits for this upload (SYNC), so on a local disk the files are
         copied by the calling thread and up to ``cpu_count - 1`` helper threads at once (see
-        :func:`_copy_files_spread`); other uploads copy in one thread and leave the other
-        cores to the training.
+        :func:`_copy_files_spread`); other uploads copy in one thread, nicer than the training
+        threads (see :meth:`_background_copier`).
 
         An attempt abandoned on a timeout may still be writing when a later attempt of the same
         part finishes, and must never change what that one delivered. Two ways keep it so:
@@ -672,6 +673,11 @@ class RunStorage:
                 self._put_created(sources, destinations, sizes, options, callback)
             elif spread and self.is_local and len(sources) > 1:
                 _copy_files_spread(sources, destinations, sizes, self._copier(), check)
+            elif sources and self.is_local:
+                # Nobody waits for this copy (ASYNC): a thread nicer than the training threads
+                # makes it, so that a report() never waits for a core behind it.
+                copy = self._background_copier().submit(self.fs.put, sources, destinations, callback=callback)
+                copy.result()
             elif sources:
                 if self.is_s3:
                     options["batch_size"] = self.fs.max_concurrency
@@ -771,6 +777,26 @@ class RunStorage:
                     max_workers=COPY_HELPERS, thread_name_prefix="statemachine-copy"
                 )
             return self._copy_pool
+
+    def _background_copier(self) -> futures.ThreadPoolExecutor:
+        """Threads at a lower priority for the local copies nobody waits for (ASYNC uploads).
+
+        The copy of a page-cached file is kernel time that keeps a core busy: 8 ranks of
+        16 MiB every 100 ms kept one of this project's two cores busy all the time. At the
+        process's own priority, a ``report()`` that woke up on the other core's turn waited
+        up to 4-5 ms for a core (its thread's run-queue wait, from ``/proc``); at niceness +10
+        (see :func:`_lower_thread_priority`) the copy gives way at once. How many copies run at
+        a time is bounded by ``UploadConfig.background_local_copies``, not by this pool, which
+        makes its threads only as they are needed.
+        """
+        with self._probe_lock:
+            if self._background_pool is None:
+                self._background_pool = futures.ThreadPoolExecutor(
+                    max_workers=64,
+                    thread_name_prefix="statemachine-background-copy",
+                    initializer=_lower_thread_priority,
+                )
+            return self._background_pool
 
     def _has_conditional_create(self) -> bool:
         """Whether the store refuses a second ``If-None-Match: *`` PUT of a key (probed once)."""

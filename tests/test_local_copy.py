@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -109,6 +110,39 @@ def test_checksum_threads_are_nicer_than_the_process(tmp_path: Any) -> None:
 
     background = storage._checksummer().submit(niceness).result()
     assert background == min(19, niceness() + 10)
+
+
+class _WhoCopies:
+    """An attempt guard that notes the niceness of each thread that checks it (before each file)."""
+
+    def __init__(self) -> None:
+        self.niceness: dict[int, int] = {}
+
+    def check(self) -> None:
+        thread = threading.get_native_id()
+        self.niceness[thread] = os.getpriority(os.PRIO_PROCESS, thread)
+
+    def publish(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+@pytest.mark.parametrize("spread", [False, True])
+def test_only_copies_nobody_waits_for_run_in_nicer_threads(tmp_path: Any, spread: bool) -> None:
+    sources, _destinations, _sizes = _files(tmp_path)
+    storage = RunStorage(os.path.join(str(tmp_path), "storage"), "nice")
+    guard = _WhoCopies()
+    manifest = storage.upload_part(os.path.dirname(sources[0]), "checkpoint_000000/rank_0", 0, attempt=guard, spread=spread)
+    caller = threading.get_native_id()
+    ours = os.getpriority(os.PRIO_PROCESS, caller)
+    others = {guard.niceness[thread] for thread in guard.niceness if thread != caller}
+    if spread:  # SYNC: the caller copies, with helpers at the process's priority
+        assert guard.niceness[caller] == ours and others <= {ours}
+    else:  # ASYNC: the caller waits while a nicer thread copies
+        assert others == {min(19, ours + 10)}
+    folder = storage.path("checkpoint_000000/rank_0")
+    assert sorted(e.path for e in manifest.files) == sorted(os.listdir(folder))
+    assert all(_same(p, os.path.join(folder, os.path.basename(p))) for p in sources)
 
 
 def _source(tmp_path: Any, name: str) -> str:
