@@ -398,7 +398,10 @@ class RankRuntime:
                 self._in_transit -= 1
             raise RunAbortedError(f"rank {self.rank}: the run is over; report() is no longer possible")
         _threads.post(
-            token, functools.partial(self._accept_posted, request), functools.partial(self._posted_lost, request)
+            token,
+            functools.partial(self._accept_posted, request),
+            functools.partial(self._posted_lost, request),
+            defer=request.has_checkpoint,
         )
         return request.timings
 

@@ -439,6 +439,53 @@ def test_background_work_waits_for_a_report_in_progress_but_never_longer_than_th
     assert _threads.reports_in_progress() == 0
 
 
+@pytest.mark.parametrize("defer", [True, False])
+def test_a_deferred_post_reaches_trio_only_after_the_reports_in_progress(
+    monkeypatch: pytest.MonkeyPatch, defer: bool
+) -> None:
+    import time
+    import types
+
+    from statemachine import _threads
+
+    poster_waits = threading.Event()
+
+    def sleep(seconds: float) -> None:
+        poster_waits.set()
+        time.sleep(seconds)
+
+    monkeypatch.setattr(_threads, "time", types.SimpleNamespace(monotonic=time.monotonic, sleep=sleep))
+    monkeypatch.setattr(_threads, "REPORT_GRACE_S", 60.0)  # only the report's end lets it through
+    arrived: list[str] = []
+
+    async def main() -> None:
+        token = trio.lowlevel.current_trio_token()
+        handed_over = trio.Event()
+
+        def callback() -> None:
+            _threads.posted_done()
+            arrived.append("posted")
+            handed_over.set()
+
+        with trio.fail_after(30):
+            _threads.reporting_started()  # another rank's training thread is inside report()
+            try:
+                _threads.post(token, callback, lambda error: None, defer=defer)
+                if defer:
+                    assert await trio.to_thread.run_sync(poster_waits.wait, 30)
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert arrived == []  # the poster holds it while the report is in progress
+                else:
+                    await handed_over.wait()  # handed over with the report still in progress
+            finally:
+                _threads.reporting_finished()
+            await handed_over.wait()
+
+    trio.run(main)
+    assert arrived == ["posted"]
+    assert poster_waits.is_set() is defer
+
+
 def test_sync_report_with_nothing_open_uploads_in_the_calling_thread_and_trio_retries_a_failed_first_attempt() -> None:
     from statemachine import _threads
 
