@@ -82,8 +82,9 @@ class Controller:
         self.on_failure: Callable[[RunFailure], None] | None = None
         self.callbacks = list(callbacks)
         self.checkpoint_config = checkpoint_config or CheckpointConfig()
-        #: Folders (relative to the run folder) that retention deleted in this attempt.
-        self.deleted: list[str] = []
+        #: How many checkpoints retention deleted in this attempt (a count: a list of their
+        #: names grew by one name per checkpoint over a long run, for the run's statistics alone).
+        self.deleted = 0
         self._waiting: dict[int, list[HandOffMessage]] = {}
         #: Commits written whose retention, run state and announcement are due (see _settle).
         self._unsettled: list[CommittedCheckpoint] = []
@@ -241,7 +242,7 @@ class Controller:
             except Exception as error:  # noqa: BLE001 - a failed clean-up must not fail training
                 logger.warning("retention could not delete %s: %r", self.storage.url(folder), error)
                 continue
-            self.deleted.append(folder)
+            self.deleted += 1
             logger.info("retention deleted %s", folder)
 
     def run_state(self) -> dict[str, Any]:

@@ -202,7 +202,7 @@ class Trainer:
             reports,
             commits=len(controller.committed_indices),
             checkpoints_kept=len(checkpoints),
-            checkpoints_deleted=len(controller.deleted),
+            checkpoints_deleted=controller.deleted,
             elapsed_s=time.perf_counter() - started,
         )
         logger.info("run %s attempt finished:\n  %s", self.name, format_stats(result.stats))
