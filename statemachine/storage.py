@@ -322,6 +322,41 @@ def _lower_thread_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + BACKGROUND_NICENESS))
 
 
+#: At most this many ASYNC copies to a local disk at once in a process, whatever
+#: ``UploadConfig.background_local_copies`` says (it bounds each run; this bounds the threads).
+BACKGROUND_COPY_THREADS = 64
+
+_pools: dict[str, futures.ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _shared_pool(name: str, workers: int, nicer: bool) -> futures.ThreadPoolExecutor:
+    """The process's thread pool ``name``, made on first use and shared by every storage.
+
+    One pool per storage left its idle threads behind after each ``fit()`` (two ranks: four
+    more threads per run); shared, a process has at most ``workers`` threads of each kind,
+    made as they are needed. ``nicer``: its threads run at :data:`BACKGROUND_NICENESS`.
+    """
+    with _pools_lock:
+        pool = _pools.get(name)
+        if pool is None:
+            pool = futures.ThreadPoolExecutor(
+                max_workers=workers, thread_name_prefix=name, initializer=_lower_thread_priority if nicer else None
+            )
+            _pools[name] = pool
+        return pool
+
+
+def _forget_pools_in_child() -> None:
+    """After a fork the pools' threads exist only in the parent: the child makes its own."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+
 def _checksum_files(paths: list[str]) -> list[tuple[int, str]]:
     return [file_checksum(path) for path in paths]
 
@@ -559,9 +594,6 @@ class RunStorage:
         self.is_s3 = "s3" in _protocols(fs)
         self._probe_lock = threading.Lock()
         self._conditional_create: bool | None = None
-        self._checksum_pool: futures.ThreadPoolExecutor | None = None
-        self._copy_pool: futures.ThreadPoolExecutor | None = None
-        self._background_pool: futures.ThreadPoolExecutor | None = None
         #: Staging folders made ahead of time (local disks only; see :meth:`upload_part`).
         self._staging_folders: SnapshotFolders | None = None
         if self.is_local:
@@ -755,28 +787,16 @@ class RunStorage:
                 raise OSError(errno.EIO, message, self.fs.unstrip_protocol(path))
 
     def _checksummer(self) -> futures.ThreadPoolExecutor:
-        """This storage's checksum threads, started once (starting a thread per upload waited for
+        """The process's checksum threads, started once (starting a thread per upload waited for
         the OS to schedule it, milliseconds on a busy machine, inside a SYNC report).
 
         Nothing waits for them but a commit, so they run at a lower priority (see
         :func:`_lower_thread_priority`)."""
-        with self._probe_lock:
-            if self._checksum_pool is None:
-                self._checksum_pool = futures.ThreadPoolExecutor(
-                    max_workers=max(1, min(4, _threads.usable_cpus())),
-                    thread_name_prefix="statemachine-checksum",
-                    initializer=_lower_thread_priority,
-                )
-            return self._checksum_pool
+        return _shared_pool("statemachine-checksum", max(1, min(4, _threads.usable_cpus())), nicer=True)
 
     def _copier(self) -> futures.ThreadPoolExecutor:
         """Helper threads for SYNC uploads to a local disk (see :func:`_copy_files_spread`)."""
-        with self._probe_lock:
-            if self._copy_pool is None:
-                self._copy_pool = futures.ThreadPoolExecutor(
-                    max_workers=COPY_HELPERS, thread_name_prefix="statemachine-copy"
-                )
-            return self._copy_pool
+        return _shared_pool("statemachine-copy", COPY_HELPERS, nicer=False)
 
     def _background_copier(self) -> futures.ThreadPoolExecutor:
         """Threads at a lower priority for the local copies nobody waits for (ASYNC uploads).
@@ -789,14 +809,7 @@ class RunStorage:
         a time is bounded by ``UploadConfig.background_local_copies``, not by this pool, which
         makes its threads only as they are needed.
         """
-        with self._probe_lock:
-            if self._background_pool is None:
-                self._background_pool = futures.ThreadPoolExecutor(
-                    max_workers=64,
-                    thread_name_prefix="statemachine-background-copy",
-                    initializer=_lower_thread_priority,
-                )
-            return self._background_pool
+        return _shared_pool("statemachine-background-copy", BACKGROUND_COPY_THREADS, nicer=True)
 
     def _has_conditional_create(self) -> bool:
         """Whether the store refuses a second ``If-None-Match: *`` PUT of a key (probed once)."""

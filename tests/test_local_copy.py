@@ -14,6 +14,7 @@ import trio
 import trio.testing
 
 import statemachine as sm
+from statemachine import _threads
 from statemachine.config import RetryPolicy
 from statemachine.result import ReportTimings
 from statemachine.storage import RunStorage, _copy_files_spread
@@ -198,3 +199,35 @@ def test_background_uploads_copy_one_at_a_time_when_the_slots_say_so(
 def test_background_local_copies_is_checked_at_the_config() -> None:
     with pytest.raises(ValueError, match="background_local_copies must be None or an int >= 1, got 0"):
         sm.UploadConfig(background_local_copies=0)
+
+
+def test_every_storage_of_the_process_shares_its_thread_pools(tmp_path: Any) -> None:
+    one, other = RunStorage(str(tmp_path), "one"), RunStorage(os.path.join(str(tmp_path), "elsewhere"), "other")
+    assert one._checksummer() is other._checksummer()
+    assert one._copier() is other._copier()
+    assert one._background_copier() is other._background_copier()
+
+
+def _async_then_sync(config: dict[str, Any]) -> None:
+    for mode in (sm.CheckpointUploadMode.ASYNC, sm.CheckpointUploadMode.ASYNC, sm.CheckpointUploadMode.SYNC):
+        sm.report(
+            {"step": 0},
+            checkpoint=sm.Checkpoint.from_directory(config["source"]),
+            checkpoint_upload_mode=mode,
+            delete_local_checkpoint_after_upload=False,
+        )
+
+
+def test_runs_one_after_another_leave_no_threads_behind(tmp_path: Any) -> None:
+    source = _source(tmp_path, "source")
+    storage = os.path.join(str(tmp_path), "storage")
+    for run in range(4):
+        sm.Trainer(
+            _async_then_sync,
+            train_loop_config={"source": source},
+            scaling_config=sm.ScalingConfig(num_workers=2),
+            run_config=sm.RunConfig(storage_path=storage, name=f"run{run}"),
+        ).fit()
+    checksum_threads = [t for t in threading.enumerate() if t.name.startswith("statemachine-checksum")]
+    # One pool per storage kept up to that many threads for each rank of each run.
+    assert 1 <= len(checksum_threads) <= max(1, min(4, _threads.usable_cpus()))
