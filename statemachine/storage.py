@@ -705,7 +705,7 @@ class RunStorage:
                 self._put_created(sources, destinations, sizes, options, callback)
             elif spread and self.is_local and len(sources) > 1:
                 _copy_files_spread(sources, destinations, sizes, self._copier(), check)
-            elif sources and self.is_local:
+            elif sources and self.is_local and not spread:
                 # Nobody waits for this copy (ASYNC): a thread nicer than the training threads
                 # makes it, so that a report() never waits for a core behind it.
                 copy = self._background_copier().submit(self.fs.put, sources, destinations, callback=callback)

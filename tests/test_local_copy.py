@@ -128,9 +128,12 @@ class _WhoCopies:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
-@pytest.mark.parametrize("spread", [False, True])
-def test_only_copies_nobody_waits_for_run_in_nicer_threads(tmp_path: Any, spread: bool) -> None:
+@pytest.mark.parametrize(("spread", "files"), [(False, 5), (True, 5), (False, 1), (True, 1)])
+def test_only_copies_nobody_waits_for_run_in_nicer_threads(tmp_path: Any, spread: bool, files: int) -> None:
     sources, _destinations, _sizes = _files(tmp_path)
+    for extra in sources[files:]:
+        os.remove(extra)
+    sources = sources[:files]
     storage = RunStorage(os.path.join(str(tmp_path), "storage"), "nice")
     guard = _WhoCopies()
     manifest = storage.upload_part(os.path.dirname(sources[0]), "checkpoint_000000/rank_0", 0, attempt=guard, spread=spread)
