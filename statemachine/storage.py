@@ -427,12 +427,6 @@ def _file_entries(directory: str) -> list[tuple[str, os.DirEntry[str]]]:
     return found
 
 
-def local_files(directory: str) -> list[str]:
-    """Every file under ``directory``, as sorted relative POSIX paths (no ``stat`` per file:
-    an ASYNC snapshot lists its folder in the training thread)."""
-    return [relative for relative, _entry in _file_entries(directory)]
-
-
 def local_files_with_sizes(directory: str) -> list[tuple[str, int]]:
     """``(relative POSIX path, size)`` of every file under ``directory``, sorted by path
     (``os.walk``, ``relpath`` and ``getsize`` cost twice as much, inside every SYNC report)."""
@@ -460,13 +454,14 @@ def snapshot_directory(source: str, target: str, mode: str = "link") -> tuple[st
     """
     made = {target}
     linked: LinkStats = {}
-    for relative in local_files(source):
-        src = os.path.join(source, relative)
+    for relative, entry in _file_entries(source):
+        src = entry.path
         dst = os.path.join(target, relative)
-        parent = os.path.dirname(dst)
-        if parent not in made:
-            os.makedirs(parent, exist_ok=True)
-            made.add(parent)
+        if "/" in relative:  # a nested file, whose folder may be new (most checkpoints are flat)
+            parent = os.path.dirname(dst)
+            if parent not in made:
+                os.makedirs(parent, exist_ok=True)
+                made.add(parent)
         if mode == "link":
             try:
                 os.link(src, dst)
