@@ -187,15 +187,15 @@ _JSON_SCALARS = frozenset({int, float, str, bool, type(None)})
 
 def _check_metrics(metrics: object) -> dict[str, Any]:
     """A copy of ``metrics`` as JSON gives it back; ``TypeError`` naming what JSON cannot hold."""
+    if type(metrics) is dict and all(type(k) is str and type(v) in _JSON_SCALARS for k, v in metrics.items()):
+        # The usual metrics (names to numbers): the round trip below would give an equal copy,
+        # at 25-30 us of the 130 us of an ASYNC report() on an idle machine.
+        return dict(metrics)
     if not isinstance(metrics, Mapping):
         raise TypeError(f"report() metrics must be a dict, got {type(metrics).__name__}")
     for key in metrics:
         if not isinstance(key, str):
             raise TypeError(f"report() metric names must be str, got {key!r}")
-    if type(metrics) is dict and all(type(k) is str and type(v) in _JSON_SCALARS for k, v in metrics.items()):
-        # The usual metrics (names to numbers): the round trip below would give an equal copy,
-        # at 25-30 us of the 130 us of an ASYNC report() on an idle machine.
-        return dict(metrics)
     try:
         text = json.dumps(dict(metrics), allow_nan=True)
     except (TypeError, ValueError) as error:
